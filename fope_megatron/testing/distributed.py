@@ -1,0 +1,98 @@
+"""Multi-rank test helper: spawn ``world_size`` processes on gloo, free port, rank-tagged logs.
+
+``run_distributed(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in each rank with
+``torch.distributed`` initialised (gloo on CPU) and returns the list of per-rank return values.
+A failure in any rank raises with that rank's traceback and the tail of every rank's log.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, logdir, fn, args, queue):
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    log = open(Path(logdir) / f"rank{rank}.log", "w", buffering=1)
+    sys.stdout = sys.stderr = log
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        except Exception:
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        log.close()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results.
+
+    ``fn`` must be importable (a module-level function) and its results picklable.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="fope-dist-") as logdir:
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, logdir, fn, args, queue))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        results: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        try:
+            for _ in range(world_size):
+                rank, ok, payload = queue.get(timeout=timeout)
+                (results if ok else errors)[rank] = payload
+                if errors:
+                    break
+        except Exception as e:  # queue.Empty on timeout
+            errors[-1] = f"timed out after {timeout}s: {e!r}"
+        for p in procs:
+            p.join(timeout=30 if not errors else 5)
+            if p.is_alive():
+                p.terminate()
+        if errors:
+            logs = "\n".join(
+                f"----- rank{r}.log (tail) -----\n"
+                + (Path(logdir) / f"rank{r}.log").read_text(errors="replace")[-3000:]
+                for r in range(world_size)
+                if (Path(logdir) / f"rank{r}.log").exists()
+            )
+            first = min(errors)
+            raise RuntimeError(f"rank {first} failed:\n{errors[first]}\n{logs}")
+        return [results[r] for r in range(world_size)]
