@@ -1,0 +1,1 @@
+"""megatron-core integration: FoPE self-attention, core attentions, layer specs, GPT builder."""

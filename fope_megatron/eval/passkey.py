@@ -1,0 +1,247 @@
+"""Passkey retrieval vs length: a 5-digit key hidden in filler text, asked for at the end.
+
+A prompt is built from token pieces, so positions are exact for any tokenizer::
+
+    [filler (tail of the repeated filler)] [needle head][ key][needle tail]
+    [filler (tail of the repeated filler)] [question]
+
+and has exactly ``length`` tokens, ending right before the answer (`` 48213``). The needle text
+is ``" The pass key is 48213. Remember it. 48213 is the pass key."``; the question is
+``" What is the pass key? The pass key is"``. The filler is repeated and trimmed at the token
+level (the cut falls at the start of each filler piece) to hit the length exactly.
+
+*Depth* is the fraction of the filler placed before the needle (0: needle first, 1: needle
+right before the question). Trials are spread round-robin over ``n_buckets`` equal depth
+buckets and get a uniformly random depth inside their bucket, so buckets stay balanced.
+
+Scoring per trial: exact greedy generation of the key's tokens (``len(key tokens)`` steps, full
+recompute with ``logits_fn``, all must match) and the mean log-prob of the key's tokens under
+teacher forcing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fope_megatron.data.tokenizer import Tokenizer
+from fope_megatron.eval.perplexity import LogitsFn
+
+FILLER = (
+    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+)
+NEEDLE_HEAD = " The pass key is"
+ANSWER = " {key}"
+NEEDLE_TAIL = ". Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeySample:
+    """One passkey prompt and where its parts lie."""
+
+    tokens: list[int]
+    """Prompt token ids, exactly the requested length, ending right before the answer."""
+    key: str
+    """The 5-digit key."""
+    answer: list[int]
+    """Token ids of the expected continuation (the key with its leading space)."""
+    needle_pos: int
+    """Token index where the needle starts."""
+    key_pos: int
+    """Token index of the key's first token inside the needle."""
+    depth: float
+    """Fraction of the filler placed before the needle, in [0, 1]."""
+    n_filler: int
+    """Filler tokens in the prompt (before and after the needle)."""
+
+    def bucket(self, n_buckets: int) -> int:
+        """Depth bucket index, computed exactly from token counts."""
+        if self.n_filler == 0:
+            return 0
+        return min(self.needle_pos * n_buckets // self.n_filler, n_buckets - 1)
+
+
+def _cyclic_tail(unit: list[int], n: int) -> list[int]:
+    """The last ``n`` tokens of ``unit`` repeated enough times (ends on a whole unit)."""
+    if n == 0:
+        return []
+    reps = unit * (n // len(unit) + 1)
+    return reps[len(reps) - n :]
+
+
+def filler_budget(tokenizer: Tokenizer, length: int, key: str = "00000") -> int:
+    """Filler tokens left in a prompt of ``length`` tokens once needle and question are placed."""
+    fixed = (
+        tokenizer.encode(NEEDLE_HEAD)
+        + tokenizer.encode(ANSWER.format(key=key))
+        + tokenizer.encode(NEEDLE_TAIL.format(key=key))
+        + tokenizer.encode(QUESTION)
+    )
+    n = length - len(fixed)
+    if n < 0:
+        raise ValueError(
+            f"passkey length {length} is too short: needle and question alone take "
+            f"{len(fixed)} tokens with this tokenizer; use lengths >= {len(fixed)}"
+        )
+    return n
+
+
+def make_passkey_sample(tokenizer: Tokenizer, length: int, depth: float, key: str) -> PasskeySample:
+    """Build one prompt of exactly ``length`` tokens with ``key`` at ``depth`` (0..1).
+
+    The number of filler tokens before the needle is ``round(depth * n_filler)``.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    head = tokenizer.encode(NEEDLE_HEAD)
+    answer = tokenizer.encode(ANSWER.format(key=key))
+    tail = tokenizer.encode(NEEDLE_TAIL.format(key=key))
+    question = tokenizer.encode(QUESTION)
+    n_filler = filler_budget(tokenizer, length, key)
+    unit = tokenizer.encode(FILLER)
+    n_before = int(round(depth * n_filler))
+    before = _cyclic_tail(unit, n_before)
+    after = _cyclic_tail(unit, n_filler - n_before)
+    tokens = before + head + answer + tail + after + question
+    assert len(tokens) == length, (len(tokens), length)
+    return PasskeySample(
+        tokens=tokens,
+        key=key,
+        answer=answer,
+        needle_pos=n_before,
+        key_pos=n_before + len(head),
+        depth=n_before / n_filler if n_filler else 0.0,
+        n_filler=n_filler,
+    )
+
+
+def bucket_labels(n_buckets: int) -> list[str]:
+    """Human-readable bucket names, e.g. ``"0-0.2"``, ``"0.2-0.4"``, ..."""
+    return [
+        f"{round(b / n_buckets, 2):g}-{round((b + 1) / n_buckets, 2):g}" for b in range(n_buckets)
+    ]
+
+
+def sample_trials(
+    tokenizer: Tokenizer, length: int, n_trials: int, n_buckets: int, seed: int
+) -> list[PasskeySample]:
+    """``n_trials`` seeded prompts at ``length``, spread round-robin over the depth buckets.
+
+    Trial ``i`` draws its filler-before-needle count uniformly among the integers whose depth
+    falls in bucket ``i % n_buckets`` (any depth if the filler is too short for that bucket).
+    The same ``(seed, length)`` always gives the same prompts.
+    """
+    rng = np.random.default_rng([seed, length])
+    samples = []
+    for i in range(n_trials):
+        key = str(int(rng.integers(10000, 100000)))
+        n_filler = filler_budget(tokenizer, length, key)  # keys may tokenize to varying lengths
+        b = i % n_buckets
+        lo = math.ceil(b * n_filler / n_buckets)
+        hi = math.ceil((b + 1) * n_filler / n_buckets) - 1 if b < n_buckets - 1 else n_filler
+        if n_filler == 0 or lo > hi:
+            lo, hi = 0, n_filler
+        n_before = int(rng.integers(lo, hi + 1))
+        depth = n_before / n_filler if n_filler else 0.0
+        samples.append(make_passkey_sample(tokenizer, length, depth, key))
+    return samples
+
+
+def _greedy(logits_fn: LogitsFn, prompts: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` greedy tokens after each prompt, full recompute each step."""
+    seq = prompts
+    for _ in range(steps):
+        nxt = logits_fn(seq)[:, -1].argmax(-1).to(seq.device)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return seq[:, prompts.shape[1] :]
+
+
+def _key_logprob(
+    logits_fn: LogitsFn, prompts: torch.Tensor, answers: list[list[int]]
+) -> list[float]:
+    """Mean log-prob of each answer's tokens given its prompt (teacher forcing)."""
+    a_max = max(len(a) for a in answers)
+    padded = torch.tensor([a + [a[-1]] * (a_max - len(a)) for a in answers], device=prompts.device)
+    seq = torch.cat([prompts, padded[:, :-1]], dim=1)
+    L = prompts.shape[1]
+    logp = torch.log_softmax(logits_fn(seq)[:, L - 1 :].float(), dim=-1)
+    picked = logp.gather(-1, padded.to(logp.device)[..., None])[..., 0]
+    return [float(picked[i, : len(a)].mean()) for i, a in enumerate(answers)]
+
+
+def score_samples(
+    logits_fn: LogitsFn, samples: Sequence[PasskeySample], device: torch.device | str | None = None
+) -> tuple[list[bool], list[float]]:
+    """Exact-greedy correctness and mean key log-prob for same-length samples (one batch)."""
+    prompts = torch.tensor([s.tokens for s in samples], dtype=torch.long, device=device)
+    answers = [s.answer for s in samples]
+    gen = _greedy(logits_fn, prompts, max(len(a) for a in answers)).cpu()
+    correct = [gen[i, : len(a)].tolist() == a for i, a in enumerate(answers)]
+    return correct, _key_logprob(logits_fn, prompts, answers)
+
+
+def evaluate_passkey(
+    logits_fn: LogitsFn,
+    tokenizer: Tokenizer,
+    lengths: Sequence[int],
+    *,
+    n_trials: int = 20,
+    n_buckets: int = 5,
+    seed: int = 0,
+    max_batch_size: int = 4,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Passkey accuracy, accuracy per depth bucket and mean key log-prob at each length.
+
+    Args:
+        logits_fn: causal LM forward, ``LongTensor[b, s] -> FloatTensor[b, s, V]``.
+        tokenizer: builds the prompts (``encode``).
+        lengths: prompt lengths in tokens.
+        n_trials: seeded trials per length.
+        n_buckets: equal-width depth buckets.
+        seed: base seed; trials at a length depend only on ``(seed, length)``.
+        max_batch_size: prompts per forward call.
+        device: where prompts are moved before calling ``logits_fn``.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        ``{"passkey": {L: acc}, "passkey_by_depth": {L: {bucket_label: acc or None}},
+        "passkey_logprob": {L: mean}}``; a bucket with no trial has ``None``.
+    """
+    if n_trials < 1 or n_buckets < 1:
+        raise ValueError(f"n_trials and n_buckets must be >= 1, got {n_trials}, {n_buckets}")
+    lengths = list(dict.fromkeys(int(L) for L in lengths))
+    for L in lengths:
+        filler_budget(tokenizer, L)  # fail fast on a too-short length
+    labels = bucket_labels(n_buckets)
+    n_calls = len(lengths) * math.ceil(n_trials / max_batch_size)
+    out: dict[str, dict] = {"passkey": {}, "passkey_by_depth": {}, "passkey_logprob": {}}
+    bar = tqdm(total=n_calls, desc="passkey", unit="batch", disable=not progress)
+    with torch.no_grad():
+        for L in lengths:
+            samples = sample_trials(tokenizer, L, n_trials, n_buckets, seed)
+            correct: list[bool] = []
+            logprob: list[float] = []
+            for i in range(0, len(samples), max_batch_size):
+                c, lp = score_samples(logits_fn, samples[i : i + max_batch_size], device)
+                correct += c
+                logprob += lp
+                bar.set_postfix(length=L)
+                bar.update(1)
+            by_bucket: dict[str, list[bool]] = {label: [] for label in labels}
+            for s, ok in zip(samples, correct, strict=True):
+                by_bucket[labels[s.bucket(n_buckets)]].append(ok)
+            out["passkey"][L] = sum(correct) / len(correct)
+            out["passkey_by_depth"][L] = {
+                k: (sum(v) / len(v) if v else None) for k, v in by_bucket.items()
+            }
+            out["passkey_logprob"][L] = sum(logprob) / len(logprob)
+    bar.close()
+    return out

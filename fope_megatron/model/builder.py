@@ -1,0 +1,134 @@
+"""build_gpt: a megatron-core GPTModel with FoPE / RoPE / no position encoding from our Config.
+
+Expects megatron-core's parallel_state to be initialised (``parallel.setup.init_model_parallel``).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..fope import FoPEConfig
+from ..train.config import padded_vocab_size
+from .attention import PositionSettings
+from .spec import get_fope_layer_spec, transformer_engine_usable
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    precision = getattr(cfg.train, "precision", "auto")
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def transformer_config(cfg) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    dtype = compute_dtype(cfg)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization=m.normalization,
+        gated_linear_unit=m.swiglu,
+        activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=m.add_bias_linear,
+        init_method_std=m.init_method_std,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        tensor_model_parallel_size=p.tp,
+        context_parallel_size=p.cp,
+        sequence_parallel=bool(p.sp),
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def fope_config(cfg, head_dim: int) -> FoPEConfig:
+    m, f = cfg.model, cfg.fope
+    return FoPEConfig(
+        head_dim=head_dim,
+        train_seq_len=f.train_seq_len or cfg.train.seq_length,
+        num_attention_heads=m.num_attention_heads,
+        num_layers=m.num_layers,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        rotary_percent=m.rotary_percent,
+        rotary_base=float(m.rotary_base),
+        floor_ratio=f.floor_ratio,
+        sigma=f.sigma,
+        seed=cfg.run.seed if f.seed is None else f.seed,
+        learnable=f.learnable,
+        zero_freq_sin=float(f.zero_freq_sin),
+        d_out=f.d_out,
+        interleaved=f.interleaved,
+        shared_across_layers=f.shared_across_layers,
+    )
+
+
+def position_settings(cfg, frequencies: tuple[float, ...] | None = None) -> PositionSettings:
+    m = cfg.model
+    head_dim = m.hidden_size // m.num_attention_heads
+    kind = m.position_embedding
+    return PositionSettings(
+        kind=kind,
+        rotary_dim=int(head_dim * m.rotary_percent),
+        rotary_base=float(m.rotary_base),
+        interleaved=cfg.fope.interleaved,
+        fope=fope_config(cfg, head_dim) if kind == "fope" else None,
+        frequencies=frequencies,
+    )
+
+
+def build_gpt(
+    cfg,
+    pre_process: bool = True,
+    post_process: bool = True,
+    parallel_output: bool = True,
+    frequencies: tuple[float, ...] | None = None,
+) -> GPTModel:
+    """Build the GPT of ``cfg`` (model / fope / parallel / train sections).
+
+    Weights are drawn on the CPU from ``run.seed`` (full tensors, then TP slices), so every
+    layout starts from the same numbers.
+    """
+    tconf = transformer_config(cfg)
+    spec = get_fope_layer_spec(
+        position_settings(cfg, frequencies), normalization=cfg.model.normalization
+    )
+    torch.manual_seed(cfg.run.seed)
+    model = GPTModel(
+        config=tconf,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(cfg),
+        max_sequence_length=cfg.model.max_position_embeddings or cfg.train.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
+        position_embedding_type="none",
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+__all__ = [
+    "build_gpt",
+    "compute_dtype",
+    "fope_config",
+    "position_settings",
+    "transformer_config",
+    "transformer_engine_usable",
+]
