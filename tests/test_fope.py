@@ -242,3 +242,12 @@ def test_invalid_config_names_field(kw, field):
     base.update(kw)
     with pytest.raises(FoPEConfigError, match=field):
         FoPEConfig(**base)
+
+
+def test_module_apply_still_walks_submodules():
+    m = make()
+    seen = []
+    m.apply(lambda mod: seen.append(type(mod).__name__))
+    assert seen == ["FourierPositionEmbedding"]
+    r = RotaryEmbeddingTables(32)
+    assert r.apply(lambda mod: None) is r

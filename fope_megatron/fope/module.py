@@ -138,12 +138,19 @@ class FourierPositionEmbedding(nn.Module):
             self.config.interleaved,
         )
 
-    def apply(
+    def forward(
         self, x: Tensor, positions: Tensor, layer: int, groups: range | None = None
     ) -> Tensor:
         """FoPE on ``x`` ``[s, b, heads, head_dim]`` whose heads belong to ``groups``."""
         c, s = self.tables(positions, layer, groups)
         return apply_tables(x, c, s, self.config.interleaved)
+
+    def apply(self, x, positions=None, layer=None, groups=None):
+        """``apply(x, positions, layer, groups)`` is :meth:`forward`; ``apply(fn)`` keeps
+        ``nn.Module.apply`` (DeepSpeed and others walk modules with it)."""
+        if positions is None and callable(x) and not isinstance(x, Tensor):
+            return super().apply(x)
+        return self.forward(x, positions, layer, groups)
 
     def _apply(self, fn, recurse: bool = True):
         # Keep the coefficients float32 through model.half()/.bfloat16() (the spec's "float32
@@ -184,6 +191,12 @@ class RotaryEmbeddingTables(nn.Module):
             positions.to(self.frequencies.device), self.frequencies, self.interleaved
         )
 
-    def apply(self, x: Tensor, positions: Tensor, layer: int = 0, groups: range | None = None):
+    def forward(self, x: Tensor, positions: Tensor, layer: int = 0, groups: range | None = None):
         c, s = self.tables(positions)
         return apply_tables(x, c, s, self.interleaved)
+
+    def apply(self, x, positions=None, layer=0, groups=None):
+        """As :meth:`FourierPositionEmbedding.apply`: RoPE on ``x``, or ``nn.Module.apply(fn)``."""
+        if positions is None and callable(x) and not isinstance(x, Tensor):
+            return super().apply(x)
+        return self.forward(x, positions, layer, groups)

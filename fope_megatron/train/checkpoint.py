@@ -1,0 +1,108 @@
+"""Checkpoints: DeepSpeed engine state per step, made "latest" only once complete.
+
+Layout: ``RUN_DIR/checkpoints/step_00000100/`` (DeepSpeed's files plus ``COMPLETE``) and
+``RUN_DIR/checkpoints/latest`` (the tag, replaced atomically). A kill at any moment of a save
+leaves ``latest`` naming the previous complete checkpoint; incomplete folders are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete checkpoint tags under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if TAG_RE.match(p.name) and (p / MARKER).is_file()]
+    return sorted(tags)
+
+
+def find_latest(root: Path) -> str | None:
+    """The tag named by ``latest`` if complete, else the newest complete tag, else None."""
+    latest = root / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if (root / tag / MARKER).is_file():
+            return tag
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path, str] | None:
+    """``auto`` -> the latest complete checkpoint of ``run_dir`` (or None), ``none`` -> None,
+    a path -> that checkpoint folder (``.../step_N``) or a checkpoints root (its latest)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = checkpoint_root(run_dir)
+        tag = find_latest(root)
+        return (root, tag) if tag else None
+    path = Path(resume)
+    if (path / MARKER).is_file():
+        return path.parent, path.name
+    if path.is_dir():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        tag = find_latest(root)
+        if tag:
+            return root, tag
+    raise FileNotFoundError(
+        f"train.resume={resume!r}: no complete checkpoint there (a folder step_N holding "
+        f"{MARKER}, a checkpoints/ folder, or a run dir)"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, run_dir: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
+    """Save on every rank; rank 0 marks it complete, points ``latest`` at it, prunes old ones."""
+    root = checkpoint_root(run_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _atomic_write(root / tag / MARKER, json.dumps({"step": step}) + "\n")
+        _atomic_write(root / "latest", tag + "\n")
+        if keep_last > 0:
+            for old in complete_tags(root)[:-keep_last]:
+                shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return root / tag
+
+
+def load(engine, root: Path, tag: str, module_only: bool = False) -> dict:
+    """Load a checkpoint into ``engine``; returns its client state."""
+    path, client = engine.load_checkpoint(
+        str(root),
+        tag=tag,
+        load_module_only=module_only,
+        load_optimizer_states=not module_only,
+        load_lr_scheduler_states=not module_only,
+    )
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / tag}")
+    return client or {}

@@ -1,0 +1,113 @@
+"""DeepSpeed engine: the JSON actually used, AdamW param groups, the lr schedule, initialize()."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .schedule import lr_at
+
+
+def ensure_accelerator() -> None:
+    """DeepSpeed must be told to use its CPU accelerator when there is no GPU (set before import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def deepspeed_json(cfg: Config, dp: int, bf16: bool) -> dict:
+    """The DeepSpeed config of ``cfg``: its JSON with every ``"auto"`` filled in from our config."""
+    path = cfg.deepspeed_json()
+    ds = json.loads(Path(path).read_text())
+    t = cfg.train
+    fill = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
+        "gradient_clipping": float(t.clip_grad),
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ValueError(
+                f'{path}: {key}={ds[key]!r} disagrees with the config\'s {value!r}; use "auto"'
+            )
+    for section, enabled in (("bf16", bf16), ("fp16", False)):
+        if isinstance(ds.get(section), dict) and ds[section].get("enabled", "auto") == "auto":
+            ds[section]["enabled"] = enabled
+    ds.setdefault("bf16", {"enabled": bf16})
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay for matrices, none for norms, biases and FoPE coefficients."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen: never handed to the optimizer
+        (no_decay if p.ndim < 2 or "fope." in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    if cfg.deepspeed.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available():
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=False, **kwargs)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps) / t.lr,
+    )
+
+
+def initialize(cfg: Config, model: torch.nn.Module, ds_config: dict, mpu):
+    """``deepspeed.initialize`` with our optimizer, schedule and megatron mpu adapter."""
+    ensure_accelerator()
+    import deepspeed
+
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        mpu=mpu,
+        dist_init_required=False,
+    )
+    return engine, optimizer, scheduler
+
+
+def grad_norm(model: torch.nn.Module, mpu) -> float:
+    """Global L2 gradient norm counting tensor-parallel shards once (DeepSpeed's and megatron's
+    rule: TP-partitioned params on every TP rank, replicated ones on TP rank 0 only)."""
+    import torch.distributed as dist
+
+    tp_rank = mpu.get_model_parallel_rank()
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    dist.all_reduce(total, group=mpu.get_model_parallel_group())
+    return float(total.sqrt())

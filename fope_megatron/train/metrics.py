@@ -1,0 +1,138 @@
+"""Metrics: RUN_DIR/metrics.jsonl, one console line per interval, TensorBoard, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fope")
+
+# Dense bf16 peak TFLOP/s (no sparsity) by device-name fragment, for MFU.
+DENSE_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "V100": 125.0,
+}
+
+
+def device_peak_tflops() -> float | None:
+    """The device's dense peak (bf16), or None when unknown (CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in DENSE_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12*L*h*s for attention scores."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[fope rank{rank}] %(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    # megatron-core's dataset builder and DeepSpeed log every detail at INFO
+    for name in ("megatron", "megatron.core", "DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks' calls are no-ops."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool,
+        progress: bool = True,
+    ) -> None:
+        self.active = rank == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        self.peak = device_peak_tflops()
+        if not self.active:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except Exception as e:  # tensorboard missing: keep training
+                log.warning("TensorBoard disabled: %s", e)
+        if progress and os.environ.get("FOPE_NO_PROGRESS") != "1":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step")
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(key, value, step)
+
+    def train_step(self, record: dict, flops_per_tok: float, console: bool) -> None:
+        if not self.active:
+            return
+        tflops = record["tokens_per_s"] * flops_per_tok / 1e12
+        record["tflops"] = tflops
+        record["mfu"] = tflops / self.peak if self.peak else None
+        record["memory_gb"] = memory_gb()
+        self.write(record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if console:
+            mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
+            msg = (
+                f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"grad-norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
+                f"TFLOP/s {tflops:.3f} | MFU {mfu} | mem {record['memory_gb']:.2f} GiB"
+            )
+            (self.bar.write if self.bar is not None else log.info)(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt

@@ -1,0 +1,309 @@
+"""The training loop: megatron-core GPT + DeepSpeed engine + GPTDataset, with exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import Config, ConfigError, check_data, check_vocab
+from .engine import grad_norm
+from .metrics import MetricsLogger, Timer, flops_per_token, setup_logging
+
+log = logging.getLogger("fope")
+
+REQUEUE_EXIT_CODE = 99
+"""Exit code after a signal-triggered save: the job should be requeued (Slurm scripts use it)."""
+SYNTHETIC_DOCS = 4000
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves at the end of the current step and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.signum is not None else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def tokenizer_vocab(cfg: Config, prefixes: list[str]) -> int:
+    """The vocab the data was tokenized with (sidecar meta), or the configured tokenizer's."""
+    from ..data.preprocess import read_meta
+    from ..data.tokenizer import get_tokenizer
+
+    sizes = [m["vocab_size"] for m in (read_meta(p) for p in prefixes) if m]
+    if sizes:
+        return max(sizes)
+    return get_tokenizer(cfg.data.tokenizer).vocab_size
+
+
+def preflight(cfg: Config, world_size: int):
+    """Every check that needs no process group; raises ConfigError naming key and value."""
+    dims = cfg.validate(world_size)
+    prefixes = check_data(cfg)
+    check_vocab(cfg, tokenizer_vocab(cfg, prefixes))
+    return dims
+
+
+def env_world_size() -> int:
+    env = os.environ
+    return int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+
+
+def data_prefixes(cfg: Config, run_dir: Path, rank: int) -> list:
+    """``data.path`` as given, or the built-in corpus generated into RUN_DIR/data."""
+    if not cfg.data.synthetic:
+        return list(cfg.data.path)
+    from ..data.synthetic import build_synthetic_prefix
+
+    out = run_dir / "data"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        build_synthetic_prefix(out, num_docs=SYNTHETIC_DOCS, seed=cfg.run.seed)
+    dist.barrier()
+    return [build_synthetic_prefix(out, num_docs=SYNTHETIC_DOCS, seed=cfg.run.seed)]
+
+
+class Trainer:
+    """Owns the engine, the data iterators, metrics and checkpoints of one run."""
+
+    def __init__(self, cfg: Config) -> None:
+        from ..model.builder import build_gpt, compute_dtype
+        from ..parallel.mpu import MegatronMPU
+        from ..parallel.setup import init_distributed, init_model_parallel
+        from .engine import deepspeed_json, ensure_accelerator, initialize
+
+        ensure_accelerator()
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        setup_logging(self.rank)
+        self.dims = cfg.validate(self.world)
+        p = cfg.parallel
+        init_model_parallel(tp=p.tp, cp=p.cp)
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp = ps.get_data_parallel_world_size()
+        self.run_dir = Path(cfg.run.dir)
+        bf16 = compute_dtype(cfg) == torch.bfloat16
+        self.ds_config = deepspeed_json(cfg, self.dp, bf16)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save_yaml(self.run_dir / "config.yaml")
+            (self.run_dir / "deepspeed_config.json").write_text(
+                json.dumps(self.ds_config, indent=2) + "\n"
+            )
+        dist.barrier()
+        self.gas = self.ds_config["gradient_accumulation_steps"]
+        self.model = build_gpt(cfg)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.mpu = MegatronMPU()
+        self.engine, self.optimizer, self.scheduler = initialize(
+            cfg, self.model, self.ds_config, self.mpu
+        )
+        self.step = 0
+        self.consumed_samples = 0
+        self._restore()
+        self._build_data()
+
+    # ------------------------------------------------------------------ data
+    def _build_data(self) -> None:
+        from ..data.datasets import build_datasets
+
+        cfg, t = self.cfg, self.cfg.train
+        prefixes = data_prefixes(cfg, self.run_dir, self.rank)
+        n_valid = max(1, t.eval_iters) * t.micro_batch_size * self.dp
+        cache = self.run_dir / "data_cache"
+        self.train_ds, self.valid_ds = build_datasets(
+            prefixes,
+            cfg.data.split,
+            t.seq_length,
+            cfg.run.seed,
+            t.steps * t.global_batch_size,
+            n_valid,
+            None,
+            cache,
+        )
+        self.valid_long = {}
+        for length in t.eval_lengths:
+            if length != t.seq_length:
+                _, ds = build_datasets(
+                    prefixes, cfg.data.split, length, cfg.run.seed, 1, n_valid, None, cache
+                )
+                self.valid_long[length] = ds
+
+    def _batches(self, dataset, consumed: int):
+        from ..data.datasets import batch_iterator
+
+        return batch_iterator(
+            dataset, consumed, self.cfg.train.micro_batch_size, self.dp_rank, self.dp
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore(self) -> None:
+        t = self.cfg.train
+        found = checkpoint.resolve_resume(t.resume, self.run_dir)
+        if found is not None:
+            root, tag = found
+            client = checkpoint.load(self.engine, root, tag)
+            self.step = int(client["step"])
+            self.consumed_samples = int(client["consumed_samples"])
+            log.info("resumed from %s at step %d", root / tag, self.step)
+        elif t.init_from:
+            root, tag = checkpoint.resolve_resume(t.init_from, self.run_dir)
+            checkpoint.load(self.engine, root, tag, module_only=True)
+            log.info("initialised weights from %s (fresh optimizer, step 0)", root / tag)
+
+    def save(self) -> Path:
+        client = {"step": self.step, "consumed_samples": self.consumed_samples}
+        path = checkpoint.save(
+            self.engine, self.run_dir, self.step, client, self.cfg.train.keep_last
+        )
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------ steps
+    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean loss of one micro-batch and its (sum, token count) for exact logging."""
+        device = next(model.parameters()).device
+        tokens = batch["tokens"].to(device)
+        labels = batch["labels"].to(device)
+        mask = batch["loss_mask"].to(device)
+        losses = model(tokens, batch["position_ids"].to(device), None, labels=labels)
+        total = (losses.float() * mask).sum()
+        count = mask.sum()
+        return total / count.clamp(min=1), total.detach(), count.detach()
+
+    def _reduce_dp(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.ps.get_data_parallel_group(with_context_parallel=True))
+        return t.tolist()
+
+    def train_step(self, it) -> tuple[float, float]:
+        loss_sum, tokens = 0.0, 0.0
+        self.engine.train()
+        norm = None
+        for _ in range(self.gas):
+            batch = next(it)
+            loss, total, count = self._forward(self.engine, batch)
+            self.engine.backward(loss)
+            if (
+                self.cfg.deepspeed.zero_stage == 0
+                and self.engine.is_gradient_accumulation_boundary()
+            ):
+                norm = grad_norm(self.engine.module, self.mpu)  # ZeRO-0 reports none itself
+            self.engine.step()
+            loss_sum += total.item()
+            tokens += count.item()
+        loss_sum, tokens = self._reduce_dp(loss_sum, tokens)
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return loss_sum / max(tokens, 1.0), float(norm) if norm is not None else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        out = {}
+        sets = [(self.cfg.train.seq_length, self.valid_ds), *self.valid_long.items()]
+        for length, ds in sets:
+            if ds is None:
+                continue
+            loss_sum, tokens = 0.0, 0.0
+            for i, batch in enumerate(self._batches(ds, 0)):
+                if i >= max(1, self.cfg.train.eval_iters):
+                    break
+                _, total, count = self._forward(self.engine, batch)
+                loss_sum += total.item()
+                tokens += count.item()
+            loss_sum, tokens = self._reduce_dp(loss_sum, tokens)
+            key = "val_loss" if length == self.cfg.train.seq_length else f"val_loss@{length}"
+            out[key] = loss_sum / max(tokens, 1.0)
+            out[key.replace("loss", "ppl")] = math.exp(min(out[key], 50.0))
+        self.engine.train()
+        return out
+
+    def run(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        stop = StopSignal()
+        metrics = MetricsLogger(self.run_dir, self.rank, t.steps, self.step, cfg.run.tensorboard)
+        fpt = flops_per_token(
+            self.num_params * self.ps.get_tensor_model_parallel_world_size(),
+            cfg.model.num_layers,
+            cfg.model.hidden_size,
+            t.seq_length,
+        )
+        it = self._batches(self.train_ds, self.consumed_samples)
+        timer = Timer()
+        exit_code = 0
+        try:
+            while self.step < t.steps:
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm = self.train_step(it)
+                self.step += 1
+                self.consumed_samples += t.global_batch_size
+                dt = timer.lap()
+                record = {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": t.global_batch_size * t.seq_length / dt,
+                    "consumed_samples": self.consumed_samples,
+                    "step_time_s": dt,
+                }
+                console = self.step % cfg.run.log_interval == 0 or self.step == 1
+                metrics.train_step(record, fpt, console)
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    val = self.evaluate()
+                    metrics.write({"step": self.step, **val})
+                    log.info("step %d validation: %s", self.step, val)
+                    timer.lap()
+                stopping = stop.any_rank()
+                at_exit = t.exit_at_step is not None and self.step >= t.exit_at_step
+                done = self.step >= t.steps
+                if stopping or at_exit or done or self.step % t.save_interval == 0:
+                    self.save()
+                    timer.lap()
+                if stopping:
+                    exit_code = REQUEUE_EXIT_CODE
+                    self._exit_status("signal", exit_code)
+                    break
+                if at_exit and not done:
+                    self._exit_status("exit_at_step", 0)
+                    break
+            else:
+                self._exit_status("finished", 0)
+        finally:
+            metrics.close()
+        return exit_code
+
+    def _exit_status(self, reason: str, code: int) -> None:
+        if self.rank == 0:
+            status = {"reason": reason, "step": self.step, "exit_code": code}
+            (self.run_dir / "exit_status.json").write_text(json.dumps(status) + "\n")
+            log.info("exit: %s", status)
+
+
+def train(cfg: Config) -> int:
+    """Run training for ``cfg`` in this process (one rank); returns the exit code."""
+    trainer = Trainer(cfg)
+    return trainer.run()
+
+
+__all__ = ["REQUEUE_EXIT_CODE", "ConfigError", "Trainer", "preflight", "train"]
