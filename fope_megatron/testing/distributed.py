@@ -13,6 +13,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -20,6 +21,39 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _Array:
+    """A tensor sent between processes as a numpy copy: torch's shared-memory tensors vanish when
+    the sending rank exits, and ``queue.get`` then fails intermittently."""
+
+    def __init__(self, t) -> None:
+        self.dtype = str(t.dtype).removeprefix("torch.")
+        t = t.detach().cpu()
+        self.array = (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+
+    def tensor(self):
+        return torch.from_numpy(self.array).to(getattr(torch, self.dtype))
+
+
+def _pack(obj):
+    if isinstance(obj, torch.Tensor):
+        return _Array(obj)
+    if isinstance(obj, dict):
+        return {k: _pack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pack(v) for v in obj)
+    return obj
+
+
+def _unpack(obj):
+    if isinstance(obj, _Array):
+        return obj.tensor()
+    if isinstance(obj, dict):
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unpack(v) for v in obj)
+    return obj
 
 
 def _worker(rank, world_size, port, logdir, fn, args, queue):
@@ -42,7 +76,7 @@ def _worker(rank, world_size, port, logdir, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        queue.put((rank, True, _pack(result)))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -95,4 +129,4 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
             )
             first = min(errors)
             raise RuntimeError(f"rank {first} failed:\n{errors[first]}\n{logs}")
-        return [results[r] for r in range(world_size)]
+        return [_unpack(results[r]) for r in range(world_size)]
