@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch.distributed as dist
@@ -83,6 +84,10 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict, keep_last: 
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if os.environ.get("FOPE_FAULT_KILL_IN_SAVE") == str(step):
+        # Fault injection for tests: a real SIGKILL after DeepSpeed wrote its files, before the
+        # checkpoint is marked complete (the worst moment for a kill).
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if dist.get_rank() == 0:
         _atomic_write(root / tag / MARKER, json.dumps({"step": step}) + "\n")

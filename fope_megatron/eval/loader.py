@@ -1,0 +1,92 @@
+"""Load a trained run's checkpoint into one process (any trained TP layout) as a logits function.
+
+The model is rebuilt from ``RUN_DIR/config.yaml`` at TP=1 with the *trained* FoPE floor
+(``fope.train_seq_len`` is resolved and saved at training time, never recomputed from the
+evaluation length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..train import checkpoint as ckpt
+from ..train.config import Config
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --run must be a training run dir")
+    return Config.from_dict(yaml.safe_load(path.read_text()))
+
+
+def single_rank(cfg: Config) -> Config:
+    """The same model laid out for one process."""
+    parallel = dataclasses.replace(cfg.parallel, tp=1, sp=False, cp=1, ulysses=1)
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "latest") -> Path:
+    if checkpoint == "latest":
+        found = ckpt.resolve_resume("auto", run_dir)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint in {Path(run_dir) / 'checkpoints'}")
+        root, tag = found
+        return root / tag
+    root, tag = ckpt.resolve_resume(checkpoint, run_dir)
+    return root / tag
+
+
+def full_state_dict(path: Path, cfg: Config, model: torch.nn.Module) -> dict:
+    """An unsharded (TP=1) state dict from a DeepSpeed checkpoint folder of any TP layout."""
+    if cfg.deepspeed.zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        buffers = torch.load(
+            path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )["module"]
+        return {**{k: v for k, v in buffers.items() if k not in state}, **state}
+    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no mp_rank_*_model_states.pt")
+    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    if len(shards) == 1:
+        return shards[0]
+    from ..parallel.reshard import merge_tp_shards
+
+    return merge_tp_shards(shards, model)
+
+
+def load_model(run_dir: str | Path, checkpoint: str = "latest"):
+    """Returns ``(model, cfg, checkpoint_path)``; the model is in eval mode on this process."""
+    from ..model.builder import build_gpt
+    from ..parallel.setup import init_distributed, init_model_parallel
+    from ..train.engine import ensure_accelerator
+
+    ensure_accelerator()
+    cfg = load_run_config(run_dir)
+    path = resolve_checkpoint(run_dir, checkpoint)
+    init_distributed()
+    init_model_parallel(tp=1)
+    one = single_rank(cfg)
+    model = build_gpt(one).eval()
+    model.load_state_dict(full_state_dict(path, cfg, model), strict=True)
+    return model, cfg, path
+
+
+def logits_fn(model, vocab_size: int):
+    """``tokens [b, s] -> float32 logits [b, s, vocab]`` (padding columns dropped)."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def fn(tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(device)
+        pos = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
+        return model(tokens, pos, None)[..., :vocab_size].float()
+
+    return fn
