@@ -4,11 +4,9 @@ Losses of different layouts are compared step by step (5-6 steps, fp32 on CPU).
 """
 
 import json
-import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 

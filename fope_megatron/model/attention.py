@@ -85,9 +85,11 @@ class PositionalSelfAttention(SelfAttention):
         tp = self.pg_collection.tp
         tp_rank = tp.rank() if tp is not None else 0
         self.kv_groups = kv_groups_of_tp_rank(config.num_query_groups, tp_rank, self.world_size)
-        # Ulysses sets (rank, size) of the sequence shard this attention sees before its
-        # all-to-all; None means q/k hold the full (or CP-chunked) sequence.
-        self.sequence_shard: tuple[int, int] | None = None
+        # (rank, size) of the contiguous sequence shard q/k hold before a Ulysses all-to-all
+        # (the core attention says so); None: q/k hold the full (or CP-chunked) sequence.
+        self.sequence_shard: tuple[int, int] | None = getattr(
+            self.core_attention, "sequence_shard", None
+        )
         self._packed_seq_params = None
         freqs = None if position.frequencies is None else torch.tensor(position.frequencies)
         if position.kind == "fope":

@@ -1,6 +1,7 @@
 """build_gpt: a megatron-core GPTModel with FoPE / RoPE / no position encoding from our Config.
 
-Expects megatron-core's parallel_state to be initialised (``parallel.setup.init_model_parallel``).
+Expects megatron-core's parallel_state (and, for ``parallel.ulysses > 1``, the Ulysses group) to be
+initialised: ``parallel.setup.init_model_parallel(tp, cp, pp, ulysses)``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..fope import FoPEConfig
 from ..train.config import padded_vocab_size
 from .attention import PositionSettings
-from .spec import get_fope_layer_spec, transformer_engine_usable
+from .spec import get_fope_block_spec, transformer_engine_usable
 
 
 def compute_dtype(cfg) -> torch.dtype:
@@ -104,8 +105,16 @@ def build_gpt(
     layout starts from the same numbers.
     """
     tconf = transformer_config(cfg)
-    spec = get_fope_layer_spec(
-        position_settings(cfg, frequencies), normalization=cfg.model.normalization
+    if not torch.cuda.is_available():
+        from ..compat.megatron_cpu import apply_megatron_cpu_compat
+
+        apply_megatron_cpu_compat()  # megatron's sequence-parallel path on CPU (no-op on GPU)
+    spec = get_fope_block_spec(
+        tconf,
+        position_settings(cfg, frequencies),
+        normalization=cfg.model.normalization,
+        cp=cfg.parallel.cp,
+        ulysses=getattr(cfg.parallel, "ulysses", 1),
     )
     torch.manual_seed(cfg.run.seed)
     model = GPTModel(

@@ -65,6 +65,32 @@ class SDPACoreAttention(MegatronModule):
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if thd:  # [t, heads, d] -> [t, 1, heads, d]
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        mask, causal = None, False
+        if thd:
+            mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0], query.device)
+        elif mask_type == AttnMaskType.causal:
+            causal = True
+        elif attention_mask is not None:
+            mask = ~attention_mask.bool()  # megatron: True means "masked out"
+        if attention_bias is not None:
+            bias = attention_bias.to(query.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        out = self.attend(query, key, value, mask, causal)
+        return out.squeeze(1) if thd else out
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        """SDPA on ``[s, b, heads, d]`` queries and ``[sk, b, groups, d]`` keys/values.
+
+        ``mask``: boolean (True = attend) or additive, broadcastable to ``[b, heads, s, sk]``.
+        Returns ``[s, b, heads*d]``.
+        """
         sq, b, np_, hn = query.shape
         ng = key.shape[2]
         # [s, b, h, d] -> [b, h, s, d]
@@ -72,16 +98,6 @@ class SDPACoreAttention(MegatronModule):
         if ng != np_:
             k = k.repeat_interleave(np_ // ng, dim=1)
             v = v.repeat_interleave(np_ // ng, dim=1)
-        mask, causal = None, False
-        if thd:
-            mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, sq, query.device)
-        elif mask_type == AttnMaskType.causal:
-            causal = True
-        elif attention_mask is not None:
-            mask = ~attention_mask.bool()  # megatron: True means "masked out"
-        if attention_bias is not None:
-            bias = attention_bias.to(q.dtype)
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -91,5 +107,4 @@ class SDPACoreAttention(MegatronModule):
             is_causal=causal,
             scale=self.softmax_scale,
         )
-        out = out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
-        return out.squeeze(1) if thd else out
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -41,15 +41,39 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def init_model_parallel(tp: int = 1, cp: int = 1, pp: int = 1) -> None:
-    """megatron-core's parallel_state groups for the given layout (idempotent per layout)."""
+_ULYSSES_GROUP = None
+_ULYSSES_RANKS: list[int] | None = None
+
+
+def init_model_parallel(
+    tp: int = 1, cp: int = 1, pp: int = 1, ulysses: int = 1, seed: int = 1234
+) -> None:
+    """megatron-core's parallel_state groups plus the Ulysses group (idempotent per layout).
+
+    Ulysses ranks are megatron *data-parallel* ranks that share one sample: megatron's own
+    context parallelism must then be 1, megatron's data-parallel group (``dp * ulysses`` ranks
+    with the same TP rank) is the gradient-averaging group (DeepSpeed's
+    ``sequence_data_parallel`` group), and each run of ``ulysses`` consecutive members of it forms
+    a Ulysses group (``get_ulysses_group``). Ranks that read distinct samples:
+    :func:`sample_parallel_rank_and_size`.
+
+    On a machine without CUDA this also applies :mod:`fope_megatron.compat.megatron_cpu` and
+    installs a CPU RNG tracker seeded from ``seed`` (call :func:`seed_model_parallel_rng` to
+    reseed), so megatron's sequence-parallel path runs on gloo.
+    """
     from megatron.core import parallel_state as ps
 
+    if ulysses > 1 and cp > 1:
+        raise ValueError(
+            f"parallel.ulysses={ulysses} with parallel.cp={cp}: combining DeepSpeed-Ulysses with "
+            "megatron context parallelism is not supported; set one of them to 1"
+        )
     if ps.model_parallel_is_initialized():
         if (
             ps.get_tensor_model_parallel_world_size() == tp
             and ps.get_context_parallel_world_size() == cp
             and ps.get_pipeline_model_parallel_world_size() == pp
+            and get_ulysses_world_size() == ulysses
         ):
             return
         ps.destroy_model_parallel()
@@ -59,3 +83,89 @@ def init_model_parallel(tp: int = 1, cp: int = 1, pp: int = 1) -> None:
         context_parallel_size=cp,
         create_gloo_process_groups=not torch.cuda.is_available(),
     )
+    _init_ulysses_group(ulysses)
+    seed_model_parallel_rng(seed)
+
+
+def _init_ulysses_group(ulysses: int) -> None:
+    """Split every megatron data-parallel group into runs of ``ulysses`` consecutive ranks."""
+    from megatron.core import parallel_state as ps
+
+    global _ULYSSES_GROUP, _ULYSSES_RANKS
+    _ULYSSES_GROUP, _ULYSSES_RANKS = None, None
+    if ulysses == 1:
+        return
+    world = dist.get_world_size()
+    dp = ps.get_data_parallel_world_size()
+    if dp % ulysses:
+        raise ValueError(
+            f"megatron data-parallel size {dp} (world {world} / tp*pp) is not divisible by "
+            f"parallel.ulysses={ulysses}"
+        )
+    # Every rank must create every group (torch.distributed.new_group is collective).
+    me = dist.get_rank()
+    dp_groups = ps.RankGenerator(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        ep=1,
+        dp=dp,
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        cp=1,
+        order="tp-cp-ep-dp-pp",
+    ).get_ranks("dp")
+    for dp_ranks in dp_groups:
+        for i in range(0, dp, ulysses):
+            ranks = list(dp_ranks[i : i + ulysses])
+            group = dist.new_group(ranks)
+            if me in ranks:
+                _ULYSSES_GROUP, _ULYSSES_RANKS = group, ranks
+    own = dist.get_process_group_ranks(ps.get_data_parallel_group())
+    if _ULYSSES_RANKS is None or not set(_ULYSSES_RANKS) <= set(own):
+        raise RuntimeError(f"rank {me}: Ulysses group {_ULYSSES_RANKS} not inside dp group {own}")
+
+
+def get_ulysses_group():
+    """The Ulysses (DeepSpeed sequence-parallel) group of this rank; None when ulysses == 1."""
+    return _ULYSSES_GROUP
+
+
+def get_ulysses_world_size() -> int:
+    return 1 if _ULYSSES_GROUP is None else dist.get_world_size(_ULYSSES_GROUP)
+
+
+def get_ulysses_rank() -> int:
+    return 0 if _ULYSSES_GROUP is None else dist.get_rank(_ULYSSES_GROUP)
+
+
+def sample_parallel_rank_and_size() -> tuple[int, int]:
+    """(rank, size) among the ranks that read *distinct samples* (ParallelDims' ``dp``).
+
+    megatron's data-parallel group already excludes CP ranks; Ulysses ranks are inside it and
+    share samples, so they are divided out.
+    """
+    from megatron.core import parallel_state as ps
+
+    u = get_ulysses_world_size()
+    return ps.get_data_parallel_rank() // u, ps.get_data_parallel_world_size() // u
+
+
+def get_gradient_reduction_group():
+    """Ranks whose gradients are averaged (and ZeRO-partitioned): dp * cp * ulysses ranks with
+    the same TP rank (megatron's data-parallel-with-context-parallel group)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """megatron's ``model_parallel_cuda_manual_seed`` on GPU; its CPU equivalent otherwise
+    (same seeds: data-parallel ``seed``, tensor-parallel ``seed + 2718 + tp_rank``)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    from ..compat.megatron_cpu import apply_megatron_cpu_compat, install_cpu_rng_tracker
+
+    apply_megatron_cpu_compat()
+    install_cpu_rng_tracker(seed, ps.get_tensor_model_parallel_rank())

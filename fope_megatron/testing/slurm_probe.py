@@ -1,7 +1,7 @@
 """Stand-in trainer for launch tests: speaks the trainer's launch interface, trains nothing.
 
     python -m fope_megatron.testing.slurm_probe --config CONFIG run.dir=DIR train.resume=auto \
-        [probe.steps=N] [probe.step_seconds=S]
+        [probe.steps=N] [probe.step_seconds=S] [probe.fail_rank=R]
 
 Like ``fope_megatron.train`` it takes its rank from torchrun/deepspeed (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``) or from ``SLURM_PROCID``/``SLURM_NTASKS``; on SIGUSR1 or SIGTERM it
@@ -9,7 +9,8 @@ finishes the current step, "checkpoints" the step number and exits ``REQUEUE_EXI
 ``train.resume=auto`` continues after the latest such checkpoint in ``run.dir``. Each step is a gloo
 all-reduce; rank 0 appends one line per step to ``run.dir/metrics.jsonl``; every rank writes
 ``run.dir/probe/rank{R}.attempt{N}.json`` with the all-reduced sum of ranks, so a test can check
-that every rank of every node joined the same process group.
+that every rank of every node joined the same process group. ``probe.fail_rank=R`` makes rank R
+exit 3 right after that, like a crash.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     (run_dir / "probe").mkdir(parents=True, exist_ok=True)
     (run_dir / "probe" / f"rank{rank}.attempt{attempt}.json").write_text(json.dumps(report))
+    if int(opts.get("probe.fail_rank", -1)) == rank:  # a crash, for failure-path tests
+        print(f"probe rank={rank}: failing on purpose", file=sys.stderr, flush=True)
+        os._exit(3)
 
     exit_code = 0
     for step in range(start, steps + 1):
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         # [loss-like value, any rank signalled]: every rank agrees on when to stop.
         t = torch.tensor([float(rank + 1) / step, float(stop["signal"] != 0)])
         dist.all_reduce(t)
+        print(f"probe rank={rank} step={step}", flush=True)  # for console rank-filter checks
         if rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 line = {"step": step, "loss": t[0].item() / world, "dp": world, "attempt": attempt}
