@@ -1,0 +1,43 @@
+"""The apply benchmark runs on tiny shapes and its saved-memory check holds (times not asserted)."""
+
+import json
+
+import pytest
+
+from fope_megatron.bench.apply import main
+
+
+@pytest.mark.parametrize("groups, dtype", [(4, "fp32"), (2, "bf16")])
+def test_bench_apply_runs_and_memory_check_holds(tmp_path, capsys, groups, dtype):
+    out = tmp_path / "bench.json"
+    argv = ["--seq", "64", "--heads", "4", "--groups", str(groups), "--head-dim", "32"]
+    argv += ["--train-seq-len", "32", "--dtype", dtype, "--repeats", "1", "--warmup", "0"]
+    doc = main([*argv, "--json", str(out)])
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert doc["memory_check_ok"] is True
+    assert doc["meta"]["repeats"] == 1 and doc["meta"]["device"] == "cpu"
+    (row,) = doc["results"]
+    assert (row["seq"], row["heads"], row["groups"], row["head_dim"]) == (64, 4, groups, 32)
+    assert row["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    for name in ("fope", "rope"):
+        res = row[name]
+        assert res["median_ms"] > 0 and len(res["times_ms"]) == 1
+        assert res["saved_bytes"] > 0 and res["saved_tensors"] > 0
+    # Deterministic memory accounting: FoPE saves exactly its two float32 tables [s, G, d_r]
+    # (shared by q and k); megatron's RoPE saves cos and sin [s, 1, 1, d] per call, in x's dtype.
+    assert row["table_bytes"] == 64 * groups * 32 * 4
+    assert row["fope"]["saved_bytes"] == 2 * row["table_bytes"]
+    assert row["rope"]["saved_bytes"] == 4 * 64 * 32 * (4 if dtype == "fp32" else 2)
+    assert row["fope"]["saved_bytes"] <= row["saved_limit_bytes"]
+    assert row["saved_limit_bytes"] == row["rope"]["saved_bytes"] + 2 * row["table_bytes"]
+    assert row["ratio"] > 0 and row["memory_check_ok"] is True
+
+    printed = capsys.readouterr().out
+    assert "FoPE/RoPE" in printed and "check FoPE <= RoPE + 2 x table" in printed
+    assert "holds" in printed
+
+
+def test_bench_apply_rejects_bad_groups():
+    with pytest.raises(SystemExit):
+        main(["--heads", "4", "--groups", "3", "--repeats", "1"])
