@@ -92,6 +92,40 @@ def position_settings(cfg, frequencies: tuple[float, ...] | None = None) -> Posi
     )
 
 
+def position_frequencies(cfg) -> tuple[float, ...] | None:
+    """Base frequencies after ``position.scaling`` (YaRN / PI), or None for plain RoPE ones."""
+    pos = cfg.position
+    if pos.scaling == "none":
+        return None
+    from ..fope.scaling import scaled_frequencies
+
+    m = cfg.model
+    head_dim = m.hidden_size // m.num_attention_heads
+    w = scaled_frequencies(
+        int(head_dim * m.rotary_percent),
+        float(m.rotary_base),
+        pos.scaling,
+        pos.factor,
+        pos.original_max_position_embeddings or cfg.fope.train_seq_len or cfg.train.seq_length,
+        pos.beta_fast,
+        pos.beta_slow,
+    )
+    return tuple(float(x) for x in w)
+
+
+def softmax_scale(cfg) -> float | None:
+    """YaRN multiplies cos and sin by its concentration factor ``m``; q.k then grows by ``m^2``,
+    which we apply as the attention softmax scale (same logits, no change to the tables)."""
+    pos = cfg.position
+    if pos.scaling != "yarn":
+        return None
+    from ..fope.scaling import yarn_concentration
+
+    head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
+    m = yarn_concentration(pos.factor, pos.mscale, pos.mscale_all_dim)
+    return m * m / head_dim**0.5
+
+
 def build_gpt(
     cfg,
     pre_process: bool = True,
