@@ -62,7 +62,7 @@ def evaluate_run(args) -> dict:
 
     model, cfg, path = load_model(args.run, args.checkpoint)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    fn = logits_fn(model, tokenizer.vocab_size)
+    fn = logits_fn(model)
     lengths = sorted(args.lengths)
     n_tokens = max(lengths) * args.ppl_chunks
     tokens = heldout_tokens(cfg, tokenizer, n_tokens, args.data)

@@ -41,8 +41,18 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "latest") -> Path:
     return root / tag
 
 
-def full_state_dict(path: Path, cfg: Config, model: torch.nn.Module) -> dict:
-    """An unsharded (TP=1) state dict from a DeepSpeed checkpoint folder of any TP layout."""
+def load_weights(path: Path, cfg: Config, model: torch.nn.Module) -> None:
+    """Load a checkpoint folder of any trained TP layout into a (TP=1) ``model``.
+
+    Uses ``model_full.pt`` (the unsharded state the trainer writes with every checkpoint);
+    ZeRO-3 checkpoints are consolidated with DeepSpeed's zero_to_fp32.
+    """
+    from ..parallel.reshard import load_full_checkpoint, load_full_state_dict
+
+    full = path / "model_full.pt"
+    if full.is_file():
+        load_full_checkpoint(model, full)
+        return
     if cfg.deepspeed.zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -50,16 +60,11 @@ def full_state_dict(path: Path, cfg: Config, model: torch.nn.Module) -> dict:
         buffers = torch.load(
             path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
         )["module"]
-        return {**{k: v for k, v in buffers.items() if k not in state}, **state}
-    files = sorted(path.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no mp_rank_*_model_states.pt")
-    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
-    if len(shards) == 1:
-        return shards[0]
-    from ..parallel.reshard import merge_tp_shards
-
-    return merge_tp_shards(shards, model)
+        load_full_state_dict(
+            model, {**{k: v for k, v in buffers.items() if k not in state}, **state}
+        )
+        return
+    raise FileNotFoundError(f"{path} holds no {full.name} (and is not a ZeRO-3 checkpoint)")
 
 
 def load_model(run_dir: str | Path, checkpoint: str = "latest"):
@@ -75,18 +80,22 @@ def load_model(run_dir: str | Path, checkpoint: str = "latest"):
     init_model_parallel(tp=1)
     one = single_rank(cfg)
     model = build_gpt(one).eval()
-    model.load_state_dict(full_state_dict(path, cfg, model), strict=True)
+    load_weights(path, cfg, model)
     return model, cfg, path
 
 
-def logits_fn(model, vocab_size: int):
-    """``tokens [b, s] -> float32 logits [b, s, vocab]`` (padding columns dropped)."""
+def logits_fn(model):
+    """``tokens [b, s] -> float32 logits [b, s, padded vocab]``.
+
+    The padding columns stay: the model's distribution is over the padded vocab, as in training
+    (``val_loss``); dropping them would renormalise and flatter the perplexity.
+    """
     device = next(model.parameters()).device
 
     @torch.no_grad()
     def fn(tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(device)
         pos = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
-        return model(tokens, pos, None)[..., :vocab_size].float()
+        return model(tokens, pos, None).float()
 
     return fn

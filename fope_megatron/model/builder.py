@@ -132,8 +132,12 @@ def build_gpt(
     post_process: bool = True,
     parallel_output: bool = True,
     frequencies: tuple[float, ...] | None = None,
+    use_transformer_engine: bool | None = None,
 ) -> GPTModel:
     """Build the GPT of ``cfg`` (model / fope / parallel / train sections).
+
+    ``use_transformer_engine``: None picks transformer-engine's spec when usable (CUDA + TE);
+    False forces the local spec (SDPA attention, torch norms).
 
     Weights are drawn on the CPU from ``run.seed`` (full tensors, then TP slices), so every
     layout starts from the same numbers.
@@ -147,6 +151,7 @@ def build_gpt(
         tconf,
         position_settings(cfg, frequencies),
         normalization=cfg.model.normalization,
+        use_transformer_engine=use_transformer_engine,
         cp=cfg.parallel.cp,
         ulysses=getattr(cfg.parallel, "ulysses", 1),
     )

@@ -76,7 +76,9 @@ def get_fope_layer_spec(
     attn.module = PositionalSelfAttention
     attn.params = {**attn.params, "position": position}
     if not use_te:
-        attn.submodules.core_attention = ContextParallelCoreAttention if cp > 1 else SDPACoreAttention
+        attn.submodules.core_attention = (
+            ContextParallelCoreAttention if cp > 1 else SDPACoreAttention
+        )
         spec.submodules.input_layernorm = SequenceParallelNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
         if qk_layernorm:

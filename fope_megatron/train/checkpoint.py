@@ -79,11 +79,19 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, run_dir: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
-    """Save on every rank; rank 0 marks it complete, points ``latest`` at it, prunes old ones."""
+def save(
+    engine, run_dir: str | Path, step: int, client_state: dict, keep_last: int, extra=None
+) -> Path:
+    """Save on every rank; rank 0 marks it complete, points ``latest`` at it, prunes old ones.
+
+    ``extra(folder)``, if given, runs on every rank after DeepSpeed's files are written and before
+    the checkpoint is marked complete (the trainer writes the full, layout-free model state).
+    """
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if extra is not None:
+        extra(root / tag)
     if os.environ.get("FOPE_FAULT_KILL_IN_SAVE") == str(step):
         # Fault injection for tests: a real SIGKILL after DeepSpeed wrote its files, before the
         # checkpoint is marked complete (the worst moment for a kill).

@@ -18,15 +18,22 @@ def ensure_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def deepspeed_json(cfg: Config, dp: int, bf16: bool) -> dict:
-    """The DeepSpeed config of ``cfg``: its JSON with every ``"auto"`` filled in from our config."""
+def deepspeed_json(cfg: Config, dp: int, bf16: bool, dp_group: int | None = None) -> dict:
+    """The DeepSpeed config of ``cfg``: its JSON with every ``"auto"`` filled in from our config.
+
+    ``dp`` ranks read distinct samples; DeepSpeed's data-parallel group (``dp_group`` ranks, the
+    mpu's: dp x cp x ulysses) averages gradients. DeepSpeed checks
+    ``train_batch_size == micro * accumulation * dp_group``, so with CP or Ulysses its
+    ``train_batch_size`` counts each shared sample once per sharing rank.
+    """
     path = cfg.deepspeed_json()
     ds = json.loads(Path(path).read_text())
     t = cfg.train
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
     fill = {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": t.micro_batch_size * gas * (dp_group or dp),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
+        "gradient_accumulation_steps": gas,
         "gradient_clipping": float(t.clip_grad),
     }
     for key, value in fill.items():

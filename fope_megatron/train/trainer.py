@@ -22,6 +22,7 @@ log = logging.getLogger("fope")
 REQUEUE_EXIT_CODE = 99
 """Exit code after a signal-triggered save: the job should be requeued (Slurm scripts use it)."""
 SYNTHETIC_DOCS = 4000
+FULL_MODEL_FILE = "model_full.pt"
 
 
 class StopSignal:
@@ -94,15 +95,17 @@ class Trainer:
         setup_logging(self.rank)
         self.dims = cfg.validate(self.world)
         p = cfg.parallel
-        init_model_parallel(tp=p.tp, cp=p.cp)
+        init_model_parallel(tp=p.tp, cp=p.cp, pp=p.pp, ulysses=p.ulysses, seed=cfg.run.seed)
         from megatron.core import parallel_state as ps
 
+        from ..parallel.setup import sample_parallel_rank_and_size
+
         self.ps = ps
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.dp = ps.get_data_parallel_world_size()
+        # ranks that read distinct samples (CP and Ulysses ranks share a sample)
+        self.dp_rank, self.dp = sample_parallel_rank_and_size()
         self.run_dir = Path(cfg.run.dir)
         bf16 = compute_dtype(cfg) == torch.bfloat16
-        self.ds_config = deepspeed_json(cfg, self.dp, bf16)
+        self.ds_config = deepspeed_json(cfg, self.dp, bf16, self.dims.dp_shard)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_yaml(self.run_dir / "config.yaml")
@@ -112,13 +115,26 @@ class Trainer:
         dist.barrier()
         self.gas = self.ds_config["gradient_accumulation_steps"]
         self.model = build_gpt(cfg)
+        if p.sp:
+            from ..parallel.grads import register_sp_grad_hooks
+
+            # before DeepSpeed's own gradient hooks: SP norm grads are summed over TP first
+            register_sp_grad_hooks(self.model)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.mpu = MegatronMPU()
+        self.step = 0
+        self.consumed_samples = 0
+        self.resume_from = checkpoint.resolve_resume(cfg.train.resume, self.run_dir)
+        if self.resume_from is None and cfg.train.init_from:
+            # weights only, before DeepSpeed copies them into its optimizer partitions
+            from .extension import load_init_weights
+
+            root, tag = checkpoint.resolve_resume(cfg.train.init_from, self.run_dir)
+            load_init_weights(self.model, cfg, root / tag)
+            log.info("initialised weights from %s (fresh optimizer, step 0)", root / tag)
         self.engine, self.optimizer, self.scheduler = initialize(
             cfg, self.model, self.ds_config, self.mpu
         )
-        self.step = 0
-        self.consumed_samples = 0
         self._restore()
         self._build_data()
 
@@ -157,38 +173,64 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _restore(self) -> None:
-        t = self.cfg.train
-        found = checkpoint.resolve_resume(t.resume, self.run_dir)
-        if found is not None:
-            root, tag = found
+        if self.resume_from is not None:
+            root, tag = self.resume_from
             client = checkpoint.load(self.engine, root, tag)
             self.step = int(client["step"])
             self.consumed_samples = int(client["consumed_samples"])
             log.info("resumed from %s at step %d", root / tag, self.step)
-        elif t.init_from:
-            root, tag = checkpoint.resolve_resume(t.init_from, self.run_dir)
-            checkpoint.load(self.engine, root, tag, module_only=True)
-            log.info("initialised weights from %s (fresh optimizer, step 0)", root / tag)
 
     def save(self) -> Path:
         client = {"step": self.step, "consumed_samples": self.consumed_samples}
         path = checkpoint.save(
-            self.engine, self.run_dir, self.step, client, self.cfg.train.keep_last
-        )
+            self.engine, self.run_dir, self.step, client, self.cfg.train.keep_last,
+            extra=self._save_full_model,
+        )  # fmt: skip
         log.info("saved checkpoint %s", path)
         return path
+
+    def _save_full_model(self, folder: Path) -> None:
+        """``model_full.pt``: the unsharded (TP=1) model state, loadable at any TP layout
+        (evaluation, ``train.init_from``). Not written under ZeRO-3, whose partitioned
+        parameters DeepSpeed's own zero_to_fp32 consolidates instead."""
+        if self.cfg.deepspeed.zero_stage == 3:
+            return
+        from ..parallel.reshard import save_full_checkpoint
+
+        if self.ps.get_data_parallel_rank(with_context_parallel=True) == 0:
+            save_full_checkpoint(
+                self.engine.module,
+                folder / FULL_MODEL_FILE,
+                self.ps.get_tensor_model_parallel_group(),
+            )
 
     # ------------------------------------------------------------------ steps
     def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean loss of one micro-batch and its (sum, token count) for exact logging."""
         device = next(model.parameters()).device
-        tokens = batch["tokens"].to(device)
-        labels = batch["labels"].to(device)
-        mask = batch["loss_mask"].to(device)
-        losses = model(tokens, batch["position_ids"].to(device), None, labels=labels)
+        tokens, labels, mask, pos = self._shard_sequence(batch)
+        losses = model(tokens.to(device), pos.to(device), None, labels=labels.to(device))
+        mask = mask.to(device)
         total = (losses.float() * mask).sum()
         count = mask.sum()
         return total / count.clamp(min=1), total.detach(), count.detach()
+
+    def _shard_sequence(self, batch):
+        """This rank's part of each sample: CP chunks ``r`` and ``2cp-1-r``, or the Ulysses
+        shard; labels were shifted before sharding, so each rank's loss is over its tokens."""
+        p = self.cfg.parallel
+        args = (batch["tokens"], batch["labels"])
+        kw = dict(loss_mask=batch["loss_mask"], position_ids=batch["position_ids"])
+        if p.cp > 1:
+            from ..parallel.sequence import shard_batch_for_cp
+
+            return shard_batch_for_cp(*args, self.ps.get_context_parallel_rank(), p.cp, **kw)
+        if p.ulysses > 1:
+            from ..parallel.sequence import shard_batch_for_ulysses
+            from ..parallel.setup import get_ulysses_rank
+
+            return shard_batch_for_ulysses(*args, get_ulysses_rank(), p.ulysses, **kw)
+        return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
 
     def _reduce_dp(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)

@@ -1,0 +1,1 @@
+"""Compatibility shims for third-party versions (each module says which version needs it)."""

@@ -1,0 +1,199 @@
+"""What megatron-core's sequence-parallel path needs to run on a CPU (gloo). No-op on CUDA.
+
+Written for megatron-core 0.16.1 (checked against 0.14-0.16, the range pyproject allows). In
+those versions:
+
+- ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` /
+  ``_gather_along_last_dim`` allocate their output with ``device=torch.cuda.current_device()``,
+  which raises on a CPU-only torch. They back every sequence-parallel mapping
+  (``scatter_to_sequence_parallel_region``'s backward, ``gather_from_sequence_parallel_region``,
+  ``reduce_scatter_to_sequence_parallel_region`` in ``RowParallelLinear``).
+- ``LinearWithGradAccumulationAndAsyncCommunication`` (``ColumnParallelLinear`` with
+  ``sequence_parallel``) all-gathers into ``get_global_memory_buffer()`` (a CUDA buffer) and
+  allocates its reduce-scatter output on CUDA.
+- ``get_cuda_rng_tracker().fork()`` (``TransformerBlock`` and the embedding under
+  ``sequence_parallel``) reads and writes CUDA generator states.
+
+gloo itself supports every collective used (``all_gather_into_tensor``, ``reduce_scatter_tensor``,
+``all_to_all_single`` in torch >= 2.6), so only allocation and RNG need replacing. The three
+mapping helpers are replaced by device-agnostic versions with the same signature; the linear
+helper is wrapped so that with ``sequence_parallel`` it gathers through the (patched)
+differentiable mapping and then runs megatron's own non-sequence-parallel matmul; and the RNG
+tracker is replaced by :class:`CPURNGStatesTracker` (megatron's own tracker class, CPU states).
+
+Everything is applied by :func:`apply_megatron_cpu_compat`, once, only when CUDA is absent.
+Delete this module when megatron-core allocates on the input's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.distributed as dist
+
+TESTED_MEGATRON_CORE = "0.16.1"
+_APPLIED = False
+
+
+# ----------------------------------------------------------------------------- collectives
+def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """megatron's ``_gather_along_first_dim`` allocating on ``input_.device``."""
+    assert group is not None, "group should not be None"
+    world_size = group.size()
+    if world_size == 1:
+        return input_
+    input_ = input_.contiguous()
+    if output_split_sizes is None:
+        shape = list(input_.shape)
+        shape[0] *= world_size
+        output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
+        dist.all_gather_into_tensor(output, input_, group=group)
+        return output
+    shape = [sum(output_split_sizes), *input_.shape[1:]]
+    output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
+    dist.all_gather(list(torch.split(output, output_split_sizes, dim=0)), input_, group=group)
+    return output
+
+
+def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """megatron's ``_reduce_scatter_along_first_dim`` allocating on ``input_.device``."""
+    assert group is not None, "group should not be None"
+    world_size = group.size()
+    if world_size == 1:
+        return input_
+    input_ = input_.contiguous()
+    if input_split_sizes is None:
+        shape = list(input_.shape)
+        assert shape[0] % world_size == 0, (
+            "First dimension of the tensor should be divisible by tensor parallel size"
+        )
+        shape[0] //= world_size
+        output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
+        dist.reduce_scatter_tensor(output, input_, group=group)
+        return output
+    parts = list(torch.split(input_, input_split_sizes, dim=0))
+    output = torch.empty_like(parts[group.rank()])
+    dist.reduce_scatter(output, parts, group=group)
+    return output
+
+
+def _gather_along_last_dim(input_, group):
+    """megatron's ``_gather_along_last_dim`` allocating on ``input_.device``."""
+    world_size = group.size()
+    if world_size == 1:
+        return input_
+    gathered = _gather_along_first_dim(input_, group)
+    return torch.cat(gathered.chunk(world_size, dim=0), dim=-1).contiguous()
+
+
+def _wrap_linear(original):
+    """Sequence-parallel ``ColumnParallelLinear`` matmul without CUDA buffers.
+
+    Gathers the sequence shards through megatron's differentiable
+    ``gather_from_sequence_parallel_region`` (whose backward reduce-scatters the input gradient,
+    exactly what the fused function does), then calls megatron's own function without
+    ``sequence_parallel``.
+    """
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    @functools.wraps(original)
+    def linear(
+        input,
+        weight,
+        bias,
+        gradient_accumulation_fusion,
+        allreduce_dgrad,
+        sequence_parallel,
+        *args,
+        **kwargs,
+    ):
+        if sequence_parallel and not input.is_cuda:
+            group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
+            input = gather_from_sequence_parallel_region(
+                input, tensor_parallel_output_grad=True, group=group
+            )
+            sequence_parallel = False
+        return original(
+            input,
+            weight,
+            bias,
+            gradient_accumulation_fusion,
+            allreduce_dgrad,
+            sequence_parallel,
+            *args,
+            **kwargs,
+        )
+
+    linear.fope_cpu_compat = True
+    return linear
+
+
+# ----------------------------------------------------------------------------- RNG tracker
+def _cpu_tracker_class():
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    class CPURNGStatesTracker(CudaRNGStatesTracker):
+        """megatron's RNG tracker with CPU generator states (``fork`` swaps the CPU RNG)."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CPURNGStatesTracker
+
+
+def install_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
+    """Seed megatron's model-parallel RNG states on CPU (``model_parallel_cuda_manual_seed``'s
+    seeds: data-parallel ``seed``, tensor-parallel ``seed + 2718 + tp_rank``, expert
+    ``seed + 1024``; no expert parallelism here)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = _cpu_tracker_class()()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+# ----------------------------------------------------------------------------- entry point
+def apply_megatron_cpu_compat() -> bool:
+    """Patch megatron-core's sequence-parallel helpers for CPU; returns True when applied.
+
+    Idempotent; does nothing (returns False) when CUDA is available.
+    """
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    from megatron.core.tensor_parallel import layers, mappings
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+    mappings._gather_along_last_dim = _gather_along_last_dim
+    fn = layers.linear_with_grad_accumulation_and_async_allreduce
+    if not getattr(fn, "fope_cpu_compat", False):
+        layers.linear_with_grad_accumulation_and_async_allreduce = _wrap_linear(fn)
+    _APPLIED = True
+    return True
