@@ -1,0 +1,49 @@
+#!/bin/bash
+# One-node training through torchrun (c10d rendezvous on this machine).
+#
+#   launch/torchrun.sh CONFIG [key=value ...]
+#   NPROC=4 LOG_RANK=0,1 launch/torchrun.sh configs/fope-60m.yaml train.steps=100
+#
+# Environment (defaults in brackets):
+#   NPROC         ranks on this node [number of visible GPUs, else 1]
+#   MASTER_PORT   rendezvous port [0: any free port]
+#   LOG_RANK      local ranks shown on the console: 0, 0,1,... or "all" [0]
+#   LOG_DIR       where torchrun keeps every rank's stdout/stderr [a temporary directory]
+#   PYTHON        interpreter [this repository's .venv/bin/python, else python3]
+#   TRAIN_MODULE  module to run [fope_megatron.train]
+#   TORCHRUN_EXTRA_ARGS  extra torchrun arguments, split on spaces
+#   FOPE_CPU=1    CPU mode: CUDA hidden, so the trainer uses gloo; NPROC defaults to 1
+# Arguments after CONFIG go to the trainer unchanged.
+set -euo pipefail
+
+if (($# < 1)); then
+	echo "usage: $0 CONFIG [key=value ...]" >&2
+	exit 2
+fi
+config=$1
+shift
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z ${PYTHON:-} ]]; then
+	if [[ -x $root/.venv/bin/python ]]; then PYTHON=$root/.venv/bin/python; else PYTHON=python3; fi
+fi
+if [[ ${FOPE_CPU:-0} == 1 ]]; then export CUDA_VISIBLE_DEVICES=""; fi
+if [[ -z ${NPROC:-} ]]; then
+	NPROC=1
+	if [[ ${FOPE_CPU:-0} != 1 ]] && command -v nvidia-smi >/dev/null; then
+		gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+		((gpus > 0)) && NPROC=$gpus
+	fi
+fi
+MASTER_PORT=${MASTER_PORT:-0}
+LOG_RANK=${LOG_RANK:-0}
+TRAIN_MODULE=${TRAIN_MODULE:-fope_megatron.train}
+read -r -a extra <<<"${TORCHRUN_EXTRA_ARGS:-}"
+
+args=(--nnodes=1 --nproc-per-node="$NPROC" --rdzv-backend=c10d --rdzv-endpoint="localhost:$MASTER_PORT")
+args+=(--role=rank --tee=3)
+[[ $LOG_RANK == all ]] || args+=(--local-ranks-filter="$LOG_RANK")
+[[ -z ${LOG_DIR:-} ]] || args+=(--log-dir="$LOG_DIR")
+
+set -x
+exec "$PYTHON" -m torch.distributed.run "${args[@]}" "${extra[@]}" -m "$TRAIN_MODULE" --config "$config" "$@"

@@ -1,0 +1,18 @@
+"""Shared fixtures. Slurm: one real two-node cluster on localhost for the whole session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from fope_megatron.testing.slurm import LocalSlurmCluster, local_cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[LocalSlurmCluster]:
+    """munged + slurmctld + slurmd ``node1``/``node2`` on 127.0.0.1, both idle; torn down at exit.
+
+    Skips when Slurm is not installed, fails instead under ``FOPE_REQUIRE_SLURM=1`` (``.ci/run``).
+    """
+    yield from local_cluster()
