@@ -10,6 +10,9 @@ import torch.distributed as dist
 
 
 def default_backend() -> str:
+    """nccl on GPU, gloo on CPU or when ``FOPE_CPU=1`` (CPU mode of the launch scripts)."""
+    if os.environ.get("FOPE_CPU") == "1":
+        return "gloo"
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 

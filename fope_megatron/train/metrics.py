@@ -70,11 +70,13 @@ class MetricsLogger:
         start_step: int,
         tensorboard: bool,
         progress: bool = True,
+        wandb: bool = False,
     ) -> None:
         self.active = rank == 0
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         self.bar = None
+        self.wandb = None
         self.peak = device_peak_tflops()
         if not self.active:
             return
@@ -85,6 +87,13 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except Exception as e:  # tensorboard missing: keep training
                 log.warning("TensorBoard disabled: %s", e)
+        if wandb:
+            try:
+                import wandb as wb
+
+                self.wandb = wb.init(dir=str(run_dir), name=Path(run_dir).name, resume="allow")
+            except ImportError:
+                log.warning("run.wandb=true but wandb is not installed: logging to W&B is off")
         if progress and os.environ.get("FOPE_NO_PROGRESS") != "1":
             from tqdm import tqdm
 
@@ -100,6 +109,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def train_step(self, record: dict, flops_per_tok: float, console: bool) -> None:
         if not self.active:
@@ -126,6 +137,8 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class Timer:

@@ -283,7 +283,9 @@ class Trainer:
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         stop = StopSignal()
-        metrics = MetricsLogger(self.run_dir, self.rank, t.steps, self.step, cfg.run.tensorboard)
+        metrics = MetricsLogger(
+            self.run_dir, self.rank, t.steps, self.step, cfg.run.tensorboard, wandb=cfg.run.wandb
+        )
         fpt = flops_per_token(
             self.num_params * self.ps.get_tensor_model_parallel_world_size(),
             cfg.model.num_layers,
@@ -308,6 +310,8 @@ class Trainer:
                     "tokens_per_s": t.global_batch_size * t.seq_length / dt,
                     "consumed_samples": self.consumed_samples,
                     "step_time_s": dt,
+                    "dp": self.dp,
+                    "world_size": self.world,
                 }
                 console = self.step % cfg.run.log_interval == 0 or self.step == 1
                 metrics.train_step(record, fpt, console)
