@@ -393,3 +393,16 @@ def test_deepspeed_jsons_parse(path: Path) -> None:
     )
     raw["bf16"]["enabled"] = False
     assert ds_config.DeepSpeedConfig(raw).zero_optimization_stage == stage
+
+
+def test_ulysses_needs_kv_groups_divisible() -> None:
+    # 8 heads, 2 KV groups, ulysses 4: heads split, but 2 KV heads cannot be split 4 ways
+    _raises(
+        ["model.num_attention_heads=8", "model.num_query_groups=2", "parallel.ulysses=4",
+         "train.global_batch_size=8"],
+        4, "model.num_query_groups", "ulysses=4",
+    )  # fmt: skip
+    load_config(
+        None, ["model.num_attention_heads=8", "model.num_query_groups=4", "parallel.ulysses=4",
+               "train.global_batch_size=8"]
+    ).validate(4)  # fmt: skip

@@ -92,3 +92,51 @@ def test_missing_run_is_a_clear_error(tmp_path):
         env=launch.env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "config.yaml" in proc.stderr
+
+
+def _same_length_logits(rank, world, run_dir):
+    import dataclasses
+
+    from fope_megatron.eval.loader import load_model, resolve_checkpoint
+    from fope_megatron.model.builder import build_gpt
+    from fope_megatron.train.extension import load_init_weights
+
+    loaded, cfg, _ = load_model(run_dir)
+    ext = dataclasses.replace(cfg, fope=dataclasses.replace(cfg.fope, expand_on_extension=True))
+    extended = build_gpt(ext).eval()
+    load_init_weights(extended, ext, resolve_checkpoint(run_dir))
+    tokens = torch.randint(0, 258, (2, 96), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(96)[None].expand(2, -1)
+    with torch.no_grad():
+        return loaded(tokens, pos, None), extended(tokens, pos, None)
+
+
+def test_extending_to_the_same_length_changes_nothing(trained):
+    a, b = run_distributed(_same_length_logits, 1, trained["fope"][0])[0]
+    assert torch.equal(a, b)
+
+
+def test_init_from_x_fope_grows_coefficients_in_training(trained, tmp_path):
+    src = trained["fope"][0] / "checkpoints" / "step_00000003"
+    run_dir = tmp_path / "ext"
+    launch.train(
+        run_dir,
+        ["data.synthetic=true", "train.steps=2", "train.seq_length=256",
+         f"train.init_from={src}", "fope.expand_on_extension=true"],
+    )  # fmt: skip
+    old = torch.load(src / "model_full.pt", weights_only=False)["state_dict"]
+    new = torch.load(
+        run_dir / "checkpoints" / "step_00000002" / "model_full.pt", weights_only=False
+    )["state_dict"]
+    key = "decoder.layers.1.self_attention.fope.coef_cos"
+    # head_dim 16: D_in 3 at L=64 (w = 1, .32, .1), 4 at L=256 (+ .032); D_out = min(D_in, 4)
+    assert old[key].shape == (1, 4, 3, 3) and new[key].shape == (1, 4, 4, 4)
+    assert torch.equal(new[key][:, :, :3, :3], old[key])  # frozen: the trained block, exactly
+    assert launch.metrics(run_dir)[0]["step"] == 1  # a new run: step 0, fresh optimizer
+    # without the switch the shape change is refused before training starts
+    proc = launch.train(
+        tmp_path / "refused",
+        ["data.synthetic=true", "train.steps=2", "train.seq_length=256", f"train.init_from={src}"],
+        check=False,
+    )
+    assert proc.returncode != 0 and "expand_on_extension" in proc.stderr

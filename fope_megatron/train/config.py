@@ -566,6 +566,12 @@ def _check_layout(c: Config, dims: ParallelDims) -> None:
     if (heads // p.tp) % p.ulysses:
         msg = f"heads per tp rank {heads}/{p.tp} must be divisible by parallel.ulysses={p.ulysses}"
         _fail("model.num_attention_heads", heads, msg)
+    if p.ulysses > 1 and (max(groups // p.tp, 1)) % p.ulysses:
+        msg = (
+            f"KV groups per tp rank max({groups}/{p.tp}, 1) must be divisible by "
+            f"parallel.ulysses={p.ulysses} (Ulysses' all-to-all splits key/value heads too)"
+        )
+        _fail("model.num_query_groups", m.num_query_groups, msg)
     local = t.seq_length // (p.cp * p.ulysses)
     if p.sp and local % p.tp:
         msg = f"seq_length/(cp*ulysses) = {local} must be divisible by parallel.tp={p.tp} with sp"

@@ -68,4 +68,5 @@ def load_init_weights(model: torch.nn.Module, cfg: Config, source: Path) -> None
     payload = torch.load(full_path, map_location="cpu", weights_only=False)
     full = adapt_fope_coefficients(payload["state_dict"], model, cfg.fope.expand_on_extension)
     device = next(model.parameters()).device
-    load_full_state_dict(model, {k: v.to(device) for k, v in full.items()})
+    state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in full.items()}
+    load_full_state_dict(model, state)
