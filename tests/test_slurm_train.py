@@ -79,3 +79,28 @@ def test_real_trainer_trains_preempts_requeues_and_resumes(slurm_cluster, tmp_pa
     saved = [p.name for p in ckpts.iterdir() if p.name.startswith("step_")]
     assert len(saved) >= 2, saved  # the preemption checkpoint and the final one
     assert "resumed from" in out.read_text(errors="replace"), why()
+
+
+def test_plain_srun_without_torchrun(slurm_cluster, tmp_path, corpus):
+    """``srun python -m fope_megatron.train``: ranks, world and rendezvous from SLURM_* alone."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML % (6, corpus))
+    run_dir = tmp_path / "run"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"srun --kill-on-bad-exit=1 {sys.executable} -m fope_megatron.train --config {config} "
+        f"run.dir={run_dir}\n"
+    )
+    out = tmp_path / "job.out"
+    env = {"FOPE_CPU": "1", "FOPE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    job = slurm_cluster.sbatch(
+        f"--output={out}", f"--chdir={REPO}", "--nodes=2", "--ntasks-per-node=1", "--wait",
+        str(script), env=env, timeout=300,
+    )  # fmt: skip
+    info = slurm_cluster.wait_job(job, 60)
+    log = out.read_text(errors="replace")[-4000:] if out.exists() else ""
+    assert info["JobState"] == "COMPLETED", log
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7)), log
+    assert all(r["world_size"] == 2 and r["dp"] == 2 for r in rows)

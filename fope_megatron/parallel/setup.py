@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import socket
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -14,6 +17,21 @@ def default_backend() -> str:
     if os.environ.get("FOPE_CPU") == "1":
         return "gloo"
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def slurm_first_node_address() -> str:
+    """The address of the allocation's first node: Slurm's NodeAddr for it, resolved."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    first = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    info = subprocess.run(
+        ["scontrol", "show", "node", first, "-o"], capture_output=True, text=True
+    ).stdout
+    found = re.search(r"NodeAddr=(\S+)", info)
+    return socket.gethostbyname(found.group(1) if found else first)
 
 
 def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
@@ -30,8 +48,10 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = slurm_first_node_address()
+        # the port rule of slurm/*.sbatch, below Linux's ephemeral range
+        env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 15000))
     if "RANK" not in env:
         from ..testing.distributed import free_port
 
