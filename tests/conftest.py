@@ -16,3 +16,11 @@ def slurm_cluster() -> Iterator[LocalSlurmCluster]:
     Skips when Slurm is not installed, fails instead under ``FOPE_REQUIRE_SLURM=1`` (``.ci/run``).
     """
     yield from local_cluster()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small built-in corpus (300 synthetic documents) preprocessed to .bin/.idx."""
+    from fope_megatron.data.synthetic import build_synthetic_prefix
+
+    return build_synthetic_prefix(tmp_path_factory.mktemp("corpus"), num_docs=300, seed=1)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
+from fope_megatron.testing.models import random_batch, tiny_config
 
 SEQ, VOCAB = 32, 258
 
@@ -108,32 +109,14 @@ def test_cp_shard_roundtrip_and_packed_indices():
 
 # ----------------------------------------------------------------------------- model: CP=2
 def cfg_for(kind, cp, extra=()):
-    from fope_megatron.train.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            f"train.seq_length={SEQ}",
-            f"model.position_embedding={kind}",
-            "fope.sigma=0.5",
-            "fope.train_seq_len=64",
-            "fope.learnable=true",
-            f"parallel.cp={cp}",
-            *extra,
-        ],
-    )
+    return tiny_config(kind, SEQ, "fope.learnable=true", f"parallel.cp={cp}", *extra)
 
 
 CASES = [("fope", ()), ("rope", ()), ("fope", ("model.num_query_groups=2",))]
 
 
 def _batch():
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=g)
-    return tokens, tokens.roll(-1, 1), torch.arange(SEQ)[None].expand(2, -1)
+    return random_batch(SEQ, VOCAB)
 
 
 def _thd(cp_rank, cp):

@@ -8,36 +8,25 @@ and that SP's gather and CP's / Ulysses' positions compose (~20 s on 2 cores).
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
+from fope_megatron.testing.models import random_batch, tiny_config
 
 SEQ, VOCAB = 32, 258
 
 
 def cfg_for(tp=1, cp=1, ulysses=1):
-    from fope_megatron.train.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            f"train.seq_length={SEQ}",
-            "model.position_embedding=fope",
-            "fope.sigma=0.5",
-            "fope.train_seq_len=64",
-            "fope.learnable=true",
-            f"parallel.tp={tp}",
-            f"parallel.sp={str(tp > 1).lower()}",
-            f"parallel.cp={cp}",
-            f"parallel.ulysses={ulysses}",
-        ],
+    return tiny_config(
+        "fope",
+        SEQ,
+        "fope.learnable=true",
+        f"parallel.tp={tp}",
+        f"parallel.sp={str(tp > 1).lower()}",
+        f"parallel.cp={cp}",
+        f"parallel.ulysses={ulysses}",
     )
 
 
 def _batch():
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=g)
-    return tokens, tokens.roll(-1, 1), torch.arange(SEQ)[None].expand(2, -1)
+    return random_batch(SEQ, VOCAB)
 
 
 def _step(model, tokens, labels, pos):

@@ -5,6 +5,7 @@ vocab-parallel embedding/output layer and biases included."""
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
+from fope_megatron.testing.models import tiny_config
 
 SEQ, VOCAB = 32, 258
 CASES = [
@@ -17,22 +18,7 @@ CASES = [
 
 
 def cfg_for(kind, tp, extra):
-    from fope_megatron.train.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            f"train.seq_length={SEQ}",
-            f"model.position_embedding={kind}",
-            "fope.sigma=0.5",
-            "fope.train_seq_len=64",
-            f"parallel.tp={tp}",
-            *extra,
-        ],
-    )
+    return tiny_config(kind, SEQ, f"parallel.tp={tp}", *extra)
 
 
 def _logits(model):

@@ -16,13 +16,6 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from fope_megatron.data.synthetic import build_synthetic_prefix
-
-    return build_synthetic_prefix(tmp_path_factory.mktemp("corpus"), num_docs=300, seed=1)
-
-
 def run(tmp_path, corpus, name, overrides, launcher="torchrun", nproc=2):
     run_dir = tmp_path / name
     base = [f"data.path=[{corpus}]", f"train.steps={STEPS}", "deepspeed.zero_stage=1"]

@@ -27,13 +27,6 @@ data: {path: [%s]}
 """
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from fope_megatron.data.synthetic import build_synthetic_prefix
-
-    return build_synthetic_prefix(tmp_path_factory.mktemp("corpus"), num_docs=300, seed=1)
-
-
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():

@@ -7,6 +7,7 @@ processes, so no second spawn is needed.
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
+from fope_megatron.testing.models import random_batch, tiny_config
 
 SEQ, VOCAB = 32, 258
 
@@ -20,29 +21,11 @@ CASES = [
 
 
 def cfg_for(kind, extra, tp=1, sp=False):
-    from fope_megatron.train.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            f"train.seq_length={SEQ}",
-            f"model.position_embedding={kind}",
-            "fope.sigma=0.5",
-            "fope.train_seq_len=64",
-            f"parallel.tp={tp}",
-            f"parallel.sp={str(sp).lower()}",
-            *extra,
-        ],
-    )
+    return tiny_config(kind, SEQ, f"parallel.tp={tp}", f"parallel.sp={str(sp).lower()}", *extra)
 
 
 def _batch():
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=g)
-    return tokens, tokens.roll(-1, 1), torch.arange(SEQ)[None].expand(2, -1)
+    return random_batch(SEQ, VOCAB)
 
 
 def _run(model, hooks=False):

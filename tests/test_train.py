@@ -16,13 +16,6 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from fope_megatron.data.synthetic import build_synthetic_prefix
-
-    return build_synthetic_prefix(tmp_path_factory.mktemp("corpus"), num_docs=300, seed=1)
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus):
     """Straight runs shared by several tests, keyed by name."""
     root = tmp_path_factory.mktemp("runs")

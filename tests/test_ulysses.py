@@ -3,29 +3,14 @@
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
+from fope_megatron.testing.models import tiny_config
 
 SEQ, VOCAB = 32, 258
 CASES = [("fope", ()), ("rope", ()), ("fope", ("model.num_query_groups=2",))]
 
 
 def cfg_for(kind, ulysses, extra=()):
-    from fope_megatron.train.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            f"train.seq_length={SEQ}",
-            f"model.position_embedding={kind}",
-            "fope.sigma=0.5",
-            "fope.train_seq_len=64",
-            "fope.learnable=true",
-            f"parallel.ulysses={ulysses}",
-            *extra,
-        ],
-    )
+    return tiny_config(kind, SEQ, "fope.learnable=true", f"parallel.ulysses={ulysses}", *extra)
 
 
 def _run(model, rank, size):

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    from ..train.metrics import quiet_known_warnings
+
+    quiet_known_warnings()
     if args.compare:
         from .report import compare
 

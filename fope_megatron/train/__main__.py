@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
+    from ..train.metrics import quiet_known_warnings
+
+    quiet_known_warnings()
 
     from .config import ConfigError, load_config
     from .trainer import env_world_size, preflight

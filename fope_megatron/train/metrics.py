@@ -47,6 +47,22 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def quiet_known_warnings() -> None:
+    """Silence megatron-core's import-time notices that do not apply to a run (no apex / TE on a
+    CPU machine, deprecations inside megatron itself); everything else still shows."""
+    import warnings
+
+    for pattern in (
+        r".*Transformer Engine and Apex are not installed.*",
+        r"Apex is not installed.*",
+        r"full scope is deprecated.*",
+        r"When using async grad allreduce.*",
+        r".*torch.jit.script_method.*is deprecated.*",
+        r"The following imports from `dynamic_context.py` will be removed.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -97,7 +113,10 @@ class MetricsLogger:
         if progress and os.environ.get("FOPE_NO_PROGRESS") != "1":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step")
+            # disable=None: no bar when stderr is not a terminal (logs, Slurm output files)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", disable=None
+            )
 
     def write(self, record: dict) -> None:
         if not self.active:
@@ -130,7 +149,8 @@ class MetricsLogger:
                 f"grad-norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
                 f"TFLOP/s {tflops:.3f} | MFU {mfu} | mem {record['memory_gb']:.2f} GiB"
             )
-            (self.bar.write if self.bar is not None else log.info)(msg)
+            use_bar = self.bar is not None and not self.bar.disable
+            (self.bar.write if use_bar else log.info)(msg)
 
     def close(self) -> None:
         if self.bar is not None:
