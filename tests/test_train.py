@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from fope_megatron.testing import launch
 
@@ -49,6 +50,8 @@ def test_zero_stages_dp2_agree_with_zero0_and_one_rank(runs):
     close(single, ref)  # dp=2 x mbs 2 == dp=1 x mbs 2 x 2 micro-batches
     for stage in (1, 2, 3):
         close(launch.losses(runs(f"z{stage}", [f"deepspeed.zero_stage={stage}"])), ref)
+    offload = runs("z3off", ["deepspeed.zero_stage=3", "deepspeed.offload=true"])
+    close(launch.losses(offload), ref)  # configs/deepspeed/zero3_offload.json, DeepSpeedCPUAdam
     recs = launch.metrics(runs("z1", ["deepspeed.zero_stage=1"]))
     for r in recs:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"} <= set(r)
@@ -56,6 +59,29 @@ def test_zero_stages_dp2_agree_with_zero0_and_one_rank(runs):
     grad0 = [r["grad_norm"] for r in launch.metrics(runs("z0", ["deepspeed.zero_stage=0"]))]
     grad1 = [r["grad_norm"] for r in recs]
     assert all(abs(a - b) < 1e-4 * max(1, a) for a, b in zip(grad0, grad1, strict=True))
+
+
+def _eval_logits(rank, world, run_dir):
+    from fope_megatron.eval.loader import load_model
+    from fope_megatron.testing.models import random_batch
+
+    model, _, _ = load_model(run_dir)
+    tokens, _, pos = random_batch(64, 258)
+    with torch.no_grad():
+        return model(tokens, pos, None)
+
+
+def test_checkpoints_of_every_stage_load_for_evaluation(runs):
+    """model_full.pt (ZeRO 0-2, TP=2) and zero_to_fp32 (ZeRO-3) give the same trained model."""
+    from fope_megatron.testing.distributed import run_distributed
+
+    ref = run_distributed(_eval_logits, 1, runs("z0", ["deepspeed.zero_stage=0"]))[0]
+    for name, overrides in [
+        ("z3", ["deepspeed.zero_stage=3"]),
+        ("tp2", ["deepspeed.zero_stage=1", "parallel.tp=2"]),
+    ]:
+        got = run_distributed(_eval_logits, 1, runs(name, overrides))[0]
+        assert (got - ref).abs().max().item() < 1e-4, name
 
 
 def test_tp2_zero1_agrees_with_tp1(runs):

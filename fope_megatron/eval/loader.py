@@ -41,30 +41,35 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "latest") -> Path:
     return root / tag
 
 
-def load_weights(path: Path, cfg: Config, model: torch.nn.Module) -> None:
-    """Load a checkpoint folder of any trained TP layout into a (TP=1) ``model``.
+def checkpoint_full_state(path: Path) -> dict:
+    """The unsharded (TP=1) model state of a checkpoint folder of any layout.
 
-    Uses ``model_full.pt`` (the unsharded state the trainer writes with every checkpoint);
-    ZeRO-3 checkpoints are consolidated with DeepSpeed's zero_to_fp32.
+    ``model_full.pt`` (written by the trainer with every ZeRO 0-2 checkpoint) or, for ZeRO-3,
+    DeepSpeed's zero_to_fp32 consolidation of the partitions (parameters and buffers).
     """
-    from ..parallel.reshard import load_full_checkpoint, load_full_state_dict
-
     full = path / "model_full.pt"
     if full.is_file():
-        load_full_checkpoint(model, full)
-        return
-    if cfg.deepspeed.zero_stage == 3:
+        return torch.load(full, map_location="cpu", weights_only=False)["state_dict"]
+    if any(path.glob("zero_pp_rank_*_model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        buffers = torch.load(
-            path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )["module"]
-        load_full_state_dict(
-            model, {**{k: v for k, v in buffers.items() if k not in state}, **state}
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    raise FileNotFoundError(f"{path} holds neither {full.name} nor ZeRO-3 partitions")
+
+
+def load_full_state(model: torch.nn.Module, state: dict, source: Path) -> None:
+    """Load a full state into ``model`` (any TP layout); only ``_extra_state`` may be absent."""
+    from ..parallel.reshard import load_full_state_dict
+
+    device = next(model.parameters()).device
+    state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    result = load_full_state_dict(model, state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{source}: checkpoint does not match the model (missing {missing}, "
+            f"unexpected {result.unexpected_keys})"
         )
-        return
-    raise FileNotFoundError(f"{path} holds no {full.name} (and is not a ZeRO-3 checkpoint)")
 
 
 def load_model(run_dir: str | Path, checkpoint: str = "latest"):
@@ -80,7 +85,7 @@ def load_model(run_dir: str | Path, checkpoint: str = "latest"):
     init_model_parallel(tp=1)
     one = single_rank(cfg)
     model = build_gpt(one).eval()
-    load_weights(path, cfg, model)
+    load_full_state(model, checkpoint_full_state(path), path)
     return model, cfg, path
 
 

@@ -56,17 +56,11 @@ def adapt_fope_coefficients(full: dict, model: torch.nn.Module, expand: bool) ->
 
 
 def load_init_weights(model: torch.nn.Module, cfg: Config, source: Path) -> None:
-    """Load ``source`` (a checkpoint folder) into ``model`` (any TP layout), extending FoPE."""
-    from ..parallel.reshard import load_full_state_dict
+    """Load ``source`` (a checkpoint folder of any layout) into ``model`` (any TP layout),
+    fitting the FoPE coefficients to the new length (x+FoPE)."""
+    from ..eval.loader import checkpoint_full_state, load_full_state
 
-    full_path = source / "model_full.pt"
-    if not full_path.is_file():
-        raise ConfigError(
-            f"train.init_from={str(source)!r}: {full_path.name} missing (ZeRO-3 checkpoints: "
-            "consolidate with DeepSpeed's zero_to_fp32 first)"
-        )
-    payload = torch.load(full_path, map_location="cpu", weights_only=False)
-    full = adapt_fope_coefficients(payload["state_dict"], model, cfg.fope.expand_on_extension)
-    device = next(model.parameters()).device
-    state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in full.items()}
-    load_full_state_dict(model, state)
+    full = adapt_fope_coefficients(
+        checkpoint_full_state(source), model, cfg.fope.expand_on_extension
+    )
+    load_full_state(model, full, source)
