@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fope_megatron.fope import base_frequencies, default_d_out, floor_frequencies
 from fope_megatron.parallel.dims import ParallelDims
 from fope_megatron.train.config import Config, ConfigError, load_config, padded_vocab_size
@@ -134,8 +136,7 @@ def local_groups(groups: int, tp: int) -> int:
 def fope_shape(cfg: Config, tp: int = 1) -> FoPEShape | None:
     """D_in / D_out from the FoPE floor (``fope_megatron.fope``) and the coefficient shape.
 
-    Frequencies are the unscaled ``theta**(-2i/d_r)``; ``position.scaling`` (YaRN / PI) is not
-    applied here.
+    Frequencies are scaled by ``position.scaling`` (YaRN / PI) first, as the model builds them.
     """
     m, f = cfg.model, cfg.fope
     if m.position_embedding != "fope":
@@ -143,7 +144,11 @@ def fope_shape(cfg: Config, tp: int = 1) -> FoPEShape | None:
     head_dim = m.hidden_size // m.num_attention_heads
     d_r = int(head_dim * m.rotary_percent)
     seq = f.train_seq_len or cfg.train.seq_length
-    _, d_in = floor_frequencies(base_frequencies(d_r, float(m.rotary_base)), seq, f.floor_ratio)
+    from .model.builder import position_frequencies
+
+    scaled = position_frequencies(cfg)
+    w = base_frequencies(d_r, float(m.rotary_base)) if scaled is None else torch.tensor(scaled)
+    _, d_in = floor_frequencies(w, seq, f.floor_ratio)
     d_out = default_d_out(d_in, d_r) if f.d_out is None else min(f.d_out, d_in)
     groups = m.num_query_groups or m.num_attention_heads
     return FoPEShape(m.num_layers, local_groups(groups, tp), d_in, d_out)

@@ -46,3 +46,12 @@ def test_extension_coefficient_shapes(tmp_path):
     assert fope_shape(xfope) == (18, 16) and xfope.fope.expand_on_extension
     assert fope_shape(xyarn) == (14, 14) and xyarn.fope.expand_on_extension
     assert xyarn.position.scaling == "yarn" and xyarn.position.factor == 2.0
+
+
+def test_plan_applies_position_scaling(tmp_path):
+    from fope_megatron.plan import fope_shape as plan_shape
+
+    for name in ("fope_60m_xyarn_1024", "fope_60m_xfope_1024"):
+        cfg = load_config(CONFIGS / "extend" / f"{name}.yaml", [f"train.init_from={tmp_path}"])
+        planned = plan_shape(cfg)
+        assert (planned.d_in, planned.d_out) == fope_shape(cfg)  # the model's own numbers
