@@ -24,36 +24,28 @@ def _check(config: TransformerConfig) -> None:
             raise ValueError(f"{field}=True is not supported by the torch norms")
 
 
-class SPLayerNorm(torch.nn.LayerNorm):
+class _FromMegatronConfig:
+    """Shared constructor: a torch norm built from a megatron config, params marked SP."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        sequence_parallel: bool | None = None,
+        **_,
+    ):
+        _check(config)
+        super().__init__(hidden_size, eps=eps)
+        _mark(self, config.sequence_parallel if sequence_parallel is None else sequence_parallel)
+
+
+class SPLayerNorm(_FromMegatronConfig, torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` built from a megatron config; params carry ``sequence_parallel``."""
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        hidden_size: int,
-        eps: float = 1e-5,
-        sequence_parallel: bool | None = None,
-        **_,
-    ):
-        _check(config)
-        super().__init__(hidden_size, eps=eps)
-        _mark(self, config.sequence_parallel if sequence_parallel is None else sequence_parallel)
 
-
-class SPRMSNorm(torch.nn.RMSNorm):
+class SPRMSNorm(_FromMegatronConfig, torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` built from a megatron config; params carry ``sequence_parallel``."""
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        hidden_size: int,
-        eps: float = 1e-5,
-        sequence_parallel: bool | None = None,
-        **_,
-    ):
-        _check(config)
-        super().__init__(hidden_size, eps=eps)
-        _mark(self, config.sequence_parallel if sequence_parallel is None else sequence_parallel)
 
 
 class SequenceParallelNorm:
