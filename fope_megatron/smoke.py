@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train.metrics import quiet_known_warnings
+    from .compat.warnings import quiet_known_warnings
 
     quiet_known_warnings()
     from .train.config import load_config

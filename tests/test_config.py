@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fope_megatron.model.vocab import padded_vocab_size
 from fope_megatron.train.config import (
     Config,
     ConfigError,
     check_data,
     check_vocab,
     load_config,
-    padded_vocab_size,
 )
 
 REPO = Path(__file__).resolve().parents[1]

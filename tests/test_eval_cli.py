@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 
 
 def _model_loss(rank, world, run_dir, chunks):
-    from fope_megatron.eval.loader import load_model
+    from fope_megatron.checkpoint.full_state import load_model
 
     model, cfg, _ = load_model(run_dir)
     out = {}
@@ -50,9 +50,9 @@ def _model_loss(rank, world, run_dir, chunks):
 
 
 def test_eval_report_and_independent_perplexity(trained):
+    from fope_megatron.checkpoint.full_state import load_run_config
     from fope_megatron.data.tokenizer import get_tokenizer
     from fope_megatron.eval.__main__ import heldout_tokens
-    from fope_megatron.eval.loader import load_run_config
 
     run_dir, out = trained["fope"]
     result = json.loads((out / "eval.json").read_text())
@@ -97,9 +97,10 @@ def test_missing_run_is_a_clear_error(tmp_path):
 def _same_length_logits(rank, world, run_dir):
     import dataclasses
 
-    from fope_megatron.eval.loader import load_model, resolve_checkpoint
+    from fope_megatron.checkpoint.extension import load_init_weights
+    from fope_megatron.checkpoint.full_state import load_model
+    from fope_megatron.checkpoint.store import resolve_checkpoint
     from fope_megatron.model.builder import build_gpt
-    from fope_megatron.train.extension import load_init_weights
 
     loaded, cfg, _ = load_model(run_dir)
     ext = dataclasses.replace(cfg, fope=dataclasses.replace(cfg.fope, expand_on_extension=True))

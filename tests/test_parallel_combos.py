@@ -50,10 +50,10 @@ def _all_gather(t, group):
 def _combo_job(rank, world):
     from megatron.core import parallel_state as ps
 
+    from fope_megatron.checkpoint.reshard import full_grads
     from fope_megatron.model.builder import build_gpt
     from fope_megatron.parallel import setup
     from fope_megatron.parallel.grads import all_reduce_grads, finalize_sp_grads
-    from fope_megatron.parallel.reshard import full_grads
     from fope_megatron.parallel.sequence import (
         cp_unshard,
         shard_batch_for_cp,

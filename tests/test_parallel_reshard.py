@@ -45,12 +45,12 @@ def _reshard_job(rank, world, tmpdir):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from fope_megatron.model.builder import build_gpt
-    from fope_megatron.parallel.reshard import (
+    from fope_megatron.checkpoint.reshard import (
         full_state_dict,
         load_full_checkpoint,
         save_full_checkpoint,
     )
+    from fope_megatron.model.builder import build_gpt
     from fope_megatron.parallel.setup import init_model_parallel
 
     out = []

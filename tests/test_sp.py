@@ -30,9 +30,9 @@ def _batch():
 
 def _run(model, hooks=False):
     """Logits (full vocab), per-token loss and full-shape gradients after SP finalisation."""
+    from fope_megatron.checkpoint.reshard import full_grads
     from fope_megatron.parallel.comm import gather_vocab_logits
     from fope_megatron.parallel.grads import finalize_sp_grads
-    from fope_megatron.parallel.reshard import full_grads
 
     tokens, labels, pos = _batch()
     with torch.no_grad():

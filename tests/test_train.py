@@ -62,7 +62,7 @@ def test_zero_stages_dp2_agree_with_zero0_and_one_rank(runs):
 
 
 def _eval_logits(rank, world, run_dir):
-    from fope_megatron.eval.loader import load_model
+    from fope_megatron.checkpoint.full_state import load_model
     from fope_megatron.testing.models import random_batch
 
     model, _, _ = load_model(run_dir)

@@ -30,7 +30,6 @@ def heldout_tokens(cfg, tokenizer, n_tokens: int, data: str | None) -> torch.Ten
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from ..data.datasets import _split_doc_counts, parse_data_path
-    from ..train.config import ConfigError
 
     prefix = data or parse_data_path(cfg.data.path)[0][0]
     ds = IndexedDataset(prefix, mmap=True)
@@ -49,13 +48,14 @@ def heldout_tokens(cfg, tokenizer, n_tokens: int, data: str | None) -> torch.Ten
         if have >= n_tokens:
             break
     if have == 0:
-        raise ConfigError(f"{prefix}: the split {cfg.data.split!r} leaves no held-out documents")
+        raise ValueError(f"{prefix}: the split {cfg.data.split!r} leaves no held-out documents")
     return torch.from_numpy(np.concatenate(ids_np)[:n_tokens])
 
 
 def evaluate_run(args) -> dict:
+    from ..checkpoint.full_state import load_model
     from ..data.tokenizer import get_tokenizer
-    from .loader import load_model, logits_fn
+    from .loader import logits_fn
     from .passkey import evaluate_passkey
     from .perplexity import evaluate_perplexity
     from .report import write_report
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from ..train.metrics import quiet_known_warnings
+    from ..compat.warnings import quiet_known_warnings
 
     quiet_known_warnings()
     if args.compare:

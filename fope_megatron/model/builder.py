@@ -11,9 +11,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..fope import FoPEConfig
-from ..train.config import padded_vocab_size
 from .attention import PositionSettings
 from .spec import get_fope_block_spec, transformer_engine_usable
+from .vocab import padded_vocab_size
 
 
 def compute_dtype(cfg) -> torch.dtype:

@@ -12,6 +12,19 @@ import torch
 import torch.distributed as dist
 
 
+def ensure_accelerator() -> None:
+    """DeepSpeed must be told to use its CPU accelerator when there is no GPU (set before import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (single-process runs, tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def default_backend() -> str:
     """nccl on GPU, gloo on CPU or when ``FOPE_CPU=1`` (CPU mode of the launch scripts)."""
     if os.environ.get("FOPE_CPU") == "1":
@@ -53,8 +66,6 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
         # the port rule of slurm/*.sbatch, below Linux's ephemeral range
         env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 15000))
     if "RANK" not in env:
-        from ..testing.distributed import free_port
-
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
     backend = default_backend()

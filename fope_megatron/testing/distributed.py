@@ -8,7 +8,6 @@ A failure in any rank raises with that rank's traceback and the tail of every ra
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -16,11 +15,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..parallel.setup import free_port
 
 
 class _Array:

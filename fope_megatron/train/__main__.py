@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
-    from ..train.metrics import quiet_known_warnings
+    from ..compat.warnings import quiet_known_warnings
 
     quiet_known_warnings()
 

@@ -333,17 +333,6 @@ def check_vocab(config: Config, tokenizer_vocab_size: int) -> None:
         )
 
 
-def padded_vocab_size(config: Config) -> int:
-    """Vocab padded up to a multiple of ``make_vocab_size_divisible_by``.
-
-    Unlike Megatron-LM (multiple of divisor * tp) the padding does not depend on tp, so a model
-    has the same embedding shape, initial weights and checkpoint under every TP layout;
-    validate() checks that the divisor is divisible by tp.
-    """
-    multiple = config.model.make_vocab_size_divisible_by
-    return -(-config.model.vocab_size // multiple) * multiple
-
-
 # ----------------------------------------------------------------------------- type coercion
 
 

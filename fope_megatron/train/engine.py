@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from ..parallel.setup import ensure_accelerator
 from .config import Config
 from .schedule import lr_at
-
-
-def ensure_accelerator() -> None:
-    """DeepSpeed must be told to use its CPU accelerator when there is no GPU (set before import)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def deepspeed_json(cfg: Config, dp: int, bf16: bool, dp_group: int | None = None) -> dict:

@@ -47,22 +47,6 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def quiet_known_warnings() -> None:
-    """Silence megatron-core's import-time notices that do not apply to a run (no apex / TE on a
-    CPU machine, deprecations inside megatron itself); everything else still shows."""
-    import warnings
-
-    for pattern in (
-        r".*Transformer Engine and Apex are not installed.*",
-        r"Apex is not installed.*",
-        r"full scope is deprecated.*",
-        r"When using async grad allreduce.*",
-        r".*torch.jit.script_method.*is deprecated.*",
-        r"The following imports from `dynamic_context.py` will be removed.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 def setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from ..checkpoint import store as checkpoint
+from ..checkpoint.full_state import FULL_MODEL_FILE
 from .config import Config, ConfigError, check_data, check_vocab
 from .engine import grad_norm
 from .metrics import MetricsLogger, Timer, flops_per_token, setup_logging
@@ -22,7 +23,6 @@ log = logging.getLogger("fope")
 REQUEUE_EXIT_CODE = 99
 """Exit code after a signal-triggered save: the job should be requeued (Slurm scripts use it)."""
 SYNTHETIC_DOCS = 4000
-FULL_MODEL_FILE = "model_full.pt"
 
 
 class StopSignal:
@@ -127,7 +127,7 @@ class Trainer:
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is None and cfg.train.init_from:
             # weights only, before DeepSpeed copies them into its optimizer partitions
-            from .extension import load_init_weights
+            from ..checkpoint.extension import load_init_weights
 
             root, tag = checkpoint.resolve_resume(cfg.train.init_from, self.run_dir)
             load_init_weights(self.model, cfg, root / tag)
@@ -195,7 +195,7 @@ class Trainer:
         parameters DeepSpeed's own zero_to_fp32 consolidates instead."""
         if self.cfg.deepspeed.zero_stage == 3:
             return
-        from ..parallel.reshard import save_full_checkpoint
+        from ..checkpoint.reshard import save_full_checkpoint
 
         if self.ps.get_data_parallel_rank(with_context_parallel=True) == 0:
             save_full_checkpoint(

@@ -70,6 +70,39 @@ def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path, str] | None:
     )
 
 
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "latest") -> Path:
+    """The complete checkpoint folder ``checkpoint`` names in ``run_dir``.
+
+    ``checkpoint``: ``latest``, a tag (``step_00000100``, ``step_100``), or a path to a
+    checkpoint folder, a checkpoints root or a run dir. Raises FileNotFoundError naming the input.
+    """
+    root = checkpoint_root(run_dir)
+    if checkpoint in ("latest", "auto"):
+        tag = find_latest(root)
+        if tag is None:
+            raise FileNotFoundError(
+                f"no complete checkpoint in {root} (a step_N folder holding {MARKER})"
+            )
+        return root / tag
+    found = re.fullmatch(r"step_(\d+)", checkpoint)
+    if found and not Path(checkpoint).exists():
+        tag = tag_for(int(found.group(1)))
+        if (root / tag / MARKER).is_file():
+            return root / tag
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r}: {root / tag} is not a complete checkpoint; complete "
+            f"ones: {', '.join(complete_tags(root)) or 'none'}"
+        )
+    try:
+        found_root, tag = resolve_resume(checkpoint, run_dir)
+    except (FileNotFoundError, TypeError):
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r}: not 'latest', a step_N tag of {root} (complete ones: "
+            f"{', '.join(complete_tags(root)) or 'none'}) or a checkpoint folder"
+        ) from None
+    return found_root / tag
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

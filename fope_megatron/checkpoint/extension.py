@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..fope import FourierPositionEmbedding
-from .config import Config, ConfigError
+from ..train.config import Config, ConfigError  # the config schema only
 
 
 def fope_coefficient_keys(model: torch.nn.Module):
@@ -58,7 +58,7 @@ def adapt_fope_coefficients(full: dict, model: torch.nn.Module, expand: bool) ->
 def load_init_weights(model: torch.nn.Module, cfg: Config, source: Path) -> None:
     """Load ``source`` (a checkpoint folder of any layout) into ``model`` (any TP layout),
     fitting the FoPE coefficients to the new length (x+FoPE)."""
-    from ..eval.loader import checkpoint_full_state, load_full_state
+    from .full_state import checkpoint_full_state, load_full_state
 
     full = adapt_fope_coefficients(
         checkpoint_full_state(source), model, cfg.fope.expand_on_extension

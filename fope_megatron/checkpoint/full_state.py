@@ -1,0 +1,82 @@
+"""The unsharded (TP=1) model state of a checkpoint of any layout, and the run it belongs to.
+
+``model_full.pt`` (``FULL_STATE_FORMAT``) is written by the trainer next to DeepSpeed's files for
+ZeRO 0-2; ZeRO-3 partitions are consolidated with DeepSpeed's own zero_to_fp32. The model is
+rebuilt from ``RUN_DIR/config.yaml`` with the *trained* FoPE floor (``fope.train_seq_len`` is
+resolved and saved at training time, never recomputed from an evaluation length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import store
+
+FULL_MODEL_FILE = "model_full.pt"
+
+
+def load_run_config(run_dir: str | Path):
+    """The resolved ``Config`` a run was trained with (``RUN_DIR/config.yaml``)."""
+    from ..train.config import Config  # the config schema; nothing of the training loop
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --run must be a training run dir")
+    return Config.from_dict(yaml.safe_load(path.read_text()))
+
+
+def single_rank(cfg):
+    """The same model laid out for one process."""
+    parallel = dataclasses.replace(cfg.parallel, tp=1, sp=False, cp=1, ulysses=1)
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
+def checkpoint_full_state(path: Path) -> dict:
+    """The unsharded (TP=1) model state of a checkpoint folder of any layout.
+
+    ``model_full.pt`` (written by the trainer with every ZeRO 0-2 checkpoint) or, for ZeRO-3,
+    DeepSpeed's zero_to_fp32 consolidation of the partitions (parameters and buffers).
+    """
+    path = Path(path)
+    full = path / FULL_MODEL_FILE
+    if full.is_file():
+        return torch.load(full, map_location="cpu", weights_only=False)["state_dict"]
+    if any(path.glob("zero_pp_rank_*_model_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    raise FileNotFoundError(f"{path} holds neither {full.name} nor ZeRO-3 partitions")
+
+
+def load_full_state(model: torch.nn.Module, state: dict, source: Path) -> None:
+    """Load a full state into ``model`` (any TP layout); only ``_extra_state`` may be absent."""
+    from .reshard import load_full_state_dict
+
+    device = next(model.parameters()).device
+    state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    result = load_full_state_dict(model, state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{source}: checkpoint does not match the model (missing {missing}, "
+            f"unexpected {result.unexpected_keys})"
+        )
+
+
+def load_model(run_dir: str | Path, checkpoint: str = "latest"):
+    """Returns ``(model, cfg, checkpoint_path)``; the TP=1 model is in eval mode on this process."""
+    from ..model.builder import build_gpt
+    from ..parallel.setup import ensure_accelerator, init_distributed, init_model_parallel
+
+    ensure_accelerator()
+    cfg = load_run_config(run_dir)
+    path = store.resolve_checkpoint(run_dir, checkpoint)
+    init_distributed()
+    init_model_parallel(tp=1)
+    model = build_gpt(single_rank(cfg)).eval()
+    load_full_state(model, checkpoint_full_state(path), path)
+    return model, cfg, path
