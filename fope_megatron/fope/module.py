@@ -145,6 +145,36 @@ class FourierPositionEmbedding(nn.Module):
         c, s = self.tables(positions, layer, groups)
         return apply_tables(x, c, s, self.config.interleaved)
 
+    def apply_qk(
+        self,
+        q: Tensor,
+        k: Tensor,
+        positions: Tensor,
+        layer: int,
+        groups: range | None = None,
+        fusion: str = "torch",
+    ) -> tuple[Tensor, Tensor]:
+        """FoPE on queries and keys of ``groups`` (default: all held), by ``fusion``.
+
+        ``torch``: tables once, applied to both. ``triton``: one fused launch for q and k that
+        keeps nothing activation-sized for backward (see :mod:`.triton_apply`).
+        """
+        if fusion == "triton":
+            from .triton_apply import fope_apply_qk
+
+            a_cos, a_sin = self._local(layer, groups)
+            cfg = self.config
+            return fope_apply_qk(
+                q, k, positions.to(q.device), self.frequencies[: self.d_in], a_cos, a_sin,
+                cfg.rotary_dim, cfg.zero_freq_sin, cfg.interleaved,
+            )  # fmt: skip
+        if fusion != "torch":
+            raise ValueError(f"FoPE fusion {fusion!r} unknown; allowed: torch, triton")
+        c, s = self.tables(positions, layer, groups)
+        return apply_tables(q, c, s, self.config.interleaved), apply_tables(
+            k, c, s, self.config.interleaved
+        )
+
     def apply(self, x, positions=None, layer=None, groups=None):
         """``apply(x, positions, layer, groups)`` is :meth:`forward`; ``apply(fn)`` keeps
         ``nn.Module.apply`` (DeepSpeed and others walk modules with it)."""
@@ -194,6 +224,32 @@ class RotaryEmbeddingTables(nn.Module):
     def forward(self, x: Tensor, positions: Tensor, layer: int = 0, groups: range | None = None):
         c, s = self.tables(positions)
         return apply_tables(x, c, s, self.interleaved)
+
+    def apply_qk(
+        self,
+        q: Tensor,
+        k: Tensor,
+        positions: Tensor,
+        layer: int = 0,
+        groups: range | None = None,
+        fusion: str = "torch",
+    ) -> tuple[Tensor, Tensor]:
+        """RoPE on queries and keys: ``torch`` tables, the ``triton`` kernel's RoPE limit, or
+        ``te`` (transformer-engine's fused RoPE through megatron-core)."""
+        positions = positions.to(q.device)
+        if fusion == "triton":
+            from .triton_apply import rope_apply_qk
+
+            d_r = 2 * self.frequencies.shape[0]
+            return rope_apply_qk(q, k, positions, self.frequencies, d_r, self.interleaved)
+        if fusion == "te":
+            from .fusion import te_rope_apply_qk
+
+            return te_rope_apply_qk(q, k, positions, self.frequencies, self.interleaved)
+        if fusion != "torch":
+            raise ValueError(f"RoPE fusion {fusion!r} unknown; allowed: torch, triton, te")
+        c, s = self.tables(positions)
+        return apply_tables(q, c, s, self.interleaved), apply_tables(k, c, s, self.interleaved)
 
     def apply(self, x, positions=None, layer=0, groups=None):
         """As :meth:`FourierPositionEmbedding.apply`: RoPE on ``x``, or ``nn.Module.apply(fn)``."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from ..fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables, apply_tables
+from ..fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables
+from ..fope.fusion import RESOLVED
 from ..parallel.positions import cp_chunk_positions, packed_positions, shard_positions
 
 POSITION_KINDS = ("fope", "rope", "none")
@@ -37,10 +39,16 @@ class PositionSettings:
     """FoPE settings (kind == 'fope')."""
     frequencies: tuple[float, ...] | None = None
     """Pre-scaled base frequencies (YaRN / PI); None: plain ``theta**(-2i/d_r)``."""
+    fusion: str = "torch"
+    """Resolved implementation (``fope.fusion.resolve_fusion``): ``torch`` | ``triton`` | ``te``."""
 
     def __post_init__(self) -> None:
         if self.kind not in POSITION_KINDS:
             raise ValueError(f"position embedding {self.kind!r} unknown; allowed: {POSITION_KINDS}")
+        if self.fusion not in RESOLVED:
+            raise ValueError(f"position fusion {self.fusion!r} unknown; allowed: {RESOLVED}")
+        if self.fusion == "te" and self.kind != "rope":
+            raise ValueError("position fusion 'te' (transformer-engine fused RoPE) is RoPE only")
         if self.kind == "fope" and self.fope is None:
             raise ValueError("position embedding 'fope' needs a FoPEConfig")
 
@@ -145,8 +153,23 @@ class PositionalSelfAttention(SelfAttention):
             return out
         query, key = out[0], out[1]
         pos = self.positions(query.shape[0], query.device)
-        c, s = self.encoder.tables(pos, self.layer_index, None)
-        interleaved = self.position.interleaved
-        query = apply_tables(query, c, s, interleaved)
-        key = apply_tables(key, c, s, interleaved)
+        if self._recompute_position():
+            # Selective recompute: the torch path's float32 tables are rebuilt in backward
+            # instead of being kept (the fused kernel keeps nothing to begin with).
+            query, key = tensor_parallel.checkpoint(self._apply_position, False, query, key, pos)
+        else:
+            query, key = self._apply_position(query, key, pos)
         return (query, key, *out[2:])
+
+    def _apply_position(self, query, key, pos):
+        return self.encoder.apply_qk(
+            query, key, pos, self.layer_index, None, fusion=self.position.fusion
+        )
+
+    def _recompute_position(self) -> bool:
+        return (
+            self.training
+            and self.position.fusion == "torch"
+            and self.config.recompute_granularity == "selective"
+            and torch.is_grad_enabled()
+        )

@@ -1,0 +1,476 @@
+"""Fused FoPE (and RoPE) for q AND k in one Triton launch, forward and backward.
+
+One program covers a block of ``BLOCK_S`` positions and one KV group ``g``:
+
+1. the ``D_in`` angles ``p * w_k`` of its positions are computed once (float32, the same rounded
+   product as the torch path), reduced to ``[-pi, pi]`` (Cody-Waite, so large positions keep full
+   accuracy whatever ``sin``/``cos`` the backend emits), and mixed with the group's
+   ``[D_in, D_out]`` coefficients into ``C, S`` ``[BLOCK_S, d_r/2]`` in registers; pairs
+   ``j >= D_out`` are constants (``C = 1``, ``S = zero_freq_sin``);
+2. ``x*C + rotate_half(x)*S`` is applied to every batch row of the group's query heads and key
+   heads; dims beyond ``d_r`` are copied.
+
+Backward is the same kernel with the sign of ``S`` flipped (the transpose of the rotation-like
+map); nothing activation-sized is saved: only positions, frequencies and the small coefficient
+tensors. With trainable coefficients the backward also forms ``dC, dS`` per position in
+registers and writes per-block partial ``dA = sum_p cos/sin(p w_k) dC/dS`` (no atomics); a torch
+sum over blocks finishes the reduction deterministically (the inputs q, k are then saved).
+
+RoPE is the limit ``D_in = D_out = d_r/2``, identity coefficients: the ``ROPE`` constexpr computes
+``cos(p w_j)``, ``sin(p w_j)`` directly instead of mixing.
+
+Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests): loads are cast to float32
+before any arithmetic and a single autotune config is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# 2*pi split for Cody-Waite reduction: _TWO_PI_A has 8 significant bits, so k * _TWO_PI_A is
+# exact in float32 for |k| < 2**16 (positions up to ~4e5 at w = 1).
+_TWO_PI_A = 6.28125
+_TWO_PI_B = 0.0019353071795864769253
+_TWO_PI_B32 = float(torch.tensor(_TWO_PI_B, dtype=torch.float32))
+_TWO_PI_C = float(2 * math.pi - _TWO_PI_A - _TWO_PI_B32)
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_TWO_PI_C_CONST = tl.constexpr(_TWO_PI_C)
+
+
+@triton.jit
+def _reduce(a):
+    """``a`` reduced to about ``[-pi, pi]`` (three-part 2*pi; explicit fma keeps each step exact)."""
+    k = tl.floor(a * 0.15915494309189535 + 0.5)
+    r = tl.fma(-k, 6.28125, a)
+    r = tl.fma(-k, 0.0019353071795864769, r)
+    r = tl.fma(-k, _TWO_PI_C_CONST, r)
+    return r
+
+
+@triton.jit
+def _rne_bf16(v):
+    """float32 rounded to the nearest bfloat16 (ties to even), still float32: the interpreter's
+    float32 -> bfloat16 cast truncates, so the kernel rounds first there."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _out(v, PTR, ROUND_BF16: tl.constexpr):
+    if ROUND_BF16:
+        if PTR.dtype.element_ty == tl.bfloat16:
+            v = _rne_bf16(v)
+    return v.to(PTR.dtype.element_ty)
+
+
+@triton.jit
+def _rotate_heads(
+    X,
+    Out,
+    Gx,
+    s_idx,
+    s_mask,
+    j,
+    j_mask,
+    pj,
+    pj_mask,
+    C,
+    Sn,
+    head0,
+    n_heads,
+    B,
+    sx_s,
+    sx_b,
+    sx_h,
+    sx_d,
+    so_s,
+    so_b,
+    so_h,
+    so_d,
+    sg_s,
+    sg_b,
+    sg_h,
+    sg_d,
+    dC,
+    dS,
+    HALF: tl.constexpr,
+    D_R: tl.constexpr,
+    HAS_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    SIGN: tl.constexpr,
+    COEF_GRAD: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """Apply to heads ``[head0, head0 + n_heads)`` of every batch row; accumulate dC/dS."""
+    if INTERLEAVED:
+        d1 = 2 * j
+        d2 = 2 * j + 1
+    else:
+        d1 = j
+        d2 = j + HALF
+    m2 = s_mask[:, None] & j_mask[None, :]
+    mp = s_mask[:, None] & pj_mask[None, :]
+    for bi in range(B):
+        for hh in range(n_heads):
+            h = head0 + hh
+            xb = X + s_idx[:, None] * sx_s + bi * sx_b + h * sx_h
+            ob = Out + s_idx[:, None] * so_s + bi * so_b + h * so_h
+            x1 = tl.load(xb + d1[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
+            x2 = tl.load(xb + d2[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
+            o1 = x1 * C - SIGN * (x2 * Sn)
+            o2 = x2 * C + SIGN * (x1 * Sn)
+            tl.store(ob + d1[None, :] * so_d, _out(o1, Out, ROUND_BF16), mask=m2)
+            tl.store(ob + d2[None, :] * so_d, _out(o2, Out, ROUND_BF16), mask=m2)
+            if HAS_PASS:
+                xp = tl.load(xb + (D_R + pj[None, :]) * sx_d, mask=mp, other=0.0)
+                tl.store(ob + (D_R + pj[None, :]) * so_d, xp.to(Out.dtype.element_ty), mask=mp)
+            if COEF_GRAD:
+                # X holds the output gradient here, Gx the forward input: out1 = g1*C - g2*S,
+                # out2 = g2*C + g1*S, so dC = d1*g1 + d2*g2, dS = d2*g1 - d1*g2.
+                gb = Gx + s_idx[:, None] * sg_s + bi * sg_b + h * sg_h
+                g1 = tl.load(gb + d1[None, :] * sg_d, mask=m2, other=0.0).to(tl.float32)
+                g2 = tl.load(gb + d2[None, :] * sg_d, mask=m2, other=0.0).to(tl.float32)
+                dC += x1 * g1 + x2 * g2
+                dS += x2 * g1 - x1 * g2
+    return dC, dS
+
+
+@triton.jit
+def _fope_qk_kernel(
+    Q,
+    K,
+    OQ,
+    OK,
+    GQ,
+    GK,
+    POS,
+    W,
+    ACOS,
+    ASIN,
+    DACOS,
+    DASIN,
+    S,
+    B,
+    sq_s,
+    sq_b,
+    sq_h,
+    sq_d,
+    sk_s,
+    sk_b,
+    sk_h,
+    sk_d,
+    soq_s,
+    soq_b,
+    soq_h,
+    soq_d,
+    sok_s,
+    sok_b,
+    sok_h,
+    sok_d,
+    sgq_s,
+    sgq_b,
+    sgq_h,
+    sgq_d,
+    sgk_s,
+    sgk_b,
+    sgk_h,
+    sgk_d,
+    zero_freq_sin,
+    QH_PER_G: tl.constexpr,
+    KH_PER_G: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    D_R: tl.constexpr,
+    D_PASS: tl.constexpr,
+    D_IN: tl.constexpr,
+    D_OUT: tl.constexpr,
+    HALF_P2: tl.constexpr,
+    PASS_P2: tl.constexpr,
+    ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    SIGN: tl.constexpr,
+    COEF_GRAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ROUND_BF16: tl.constexpr = False,
+):
+    pid_s = tl.program_id(0)
+    g = tl.program_id(1)
+    HALF: tl.constexpr = D_R // 2
+    s_idx = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s_idx < S
+    j = tl.arange(0, HALF_P2)
+    j_mask = j < HALF
+    pj = tl.arange(0, PASS_P2)
+    pj_mask = pj < D_PASS
+    pos = tl.load(POS + s_idx, mask=s_mask, other=0).to(tl.float32)
+
+    if ROPE:
+        w = tl.load(W + j, mask=j_mask, other=0.0).to(tl.float32)
+        ang = _reduce(pos[:, None] * w[None, :])
+        C = tl.cos(ang)
+        Sn = tl.sin(ang)
+    else:
+        acc_c = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
+        acc_s = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
+        o_mask = j < D_OUT
+        a_base = g * D_IN * D_OUT
+        for kk in tl.static_range(D_IN):
+            w_k = tl.load(W + kk).to(tl.float32)
+            ang = _reduce(pos * w_k)
+            ac = tl.load(ACOS + a_base + kk * D_OUT + j, mask=o_mask, other=0.0)
+            asn = tl.load(ASIN + a_base + kk * D_OUT + j, mask=o_mask, other=0.0)
+            acc_c += tl.cos(ang)[:, None] * ac[None, :]
+            acc_s += tl.sin(ang)[:, None] * asn[None, :]
+        C = tl.where(o_mask[None, :], acc_c, 1.0)
+        Sn = tl.where(o_mask[None, :], acc_s, zero_freq_sin)
+
+    dC = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
+    dS = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
+    dC, dS = _rotate_heads(
+        Q, OQ, GQ, s_idx, s_mask, j, j_mask, pj, pj_mask, C, Sn, g * QH_PER_G, QH_PER_G, B,
+        sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
+        dC, dS, HALF, D_R, D_PASS > 0, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+    )  # fmt: skip
+    dC, dS = _rotate_heads(
+        K, OK, GK, s_idx, s_mask, j, j_mask, pj, pj_mask, C, Sn, g * KH_PER_G, KH_PER_G, B,
+        sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
+        dC, dS, HALF, D_R, D_PASS > 0, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+    )  # fmt: skip
+
+    if COEF_GRAD:
+        # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0).
+        o_mask = j < D_OUT
+        out_base = ((pid_s * N_GROUPS + g) * D_IN) * D_OUT
+        for kk in tl.static_range(D_IN):
+            w_k = tl.load(W + kk).to(tl.float32)
+            ang = _reduce(pos * w_k)
+            pc = tl.sum(tl.cos(ang)[:, None] * dC, axis=0)
+            ps = tl.sum(tl.sin(ang)[:, None] * dS, axis=0)
+            tl.store(DACOS + out_base + kk * D_OUT + j, pc, mask=o_mask)
+            tl.store(DASIN + out_base + kk * D_OUT + j, ps, mask=o_mask)
+
+
+def _configs() -> list[triton.Config]:
+    if interpreted():
+        return [triton.Config({"BLOCK_S": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_S": bs}, num_warps=nw)
+        for bs, nw in ((8, 2), (16, 4), (32, 4), (32, 8), (64, 8))
+    ]
+
+
+_fope_qk_tuned = triton.autotune(
+    configs=_configs(),
+    key=["S", "B", "QH_PER_G", "KH_PER_G", "N_GROUPS", "D_R", "D_IN", "D_OUT", "ROPE", "SIGN"],
+)(_fope_qk_kernel)
+
+# The coefficient-gradient launch writes per-block partials, so it runs one fixed block size.
+_COEF_GRAD_BLOCK = 16
+
+
+def _check(q: Tensor, k: Tensor, positions: Tensor, n_groups: int, rotary_dim: int) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q and k must be [s, b, heads, head_dim]; got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in s, b or head_dim")
+    if q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(f"q ({q.dtype}, {q.device}) and k ({k.dtype}, {k.device}) must match")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fused FoPE supports float32/bfloat16/float16, got {q.dtype}")
+    if positions.dim() != 1 or positions.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"positions must be [s] = [{q.shape[0]}] integers, got {tuple(positions.shape)}"
+        )
+    if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be an integer tensor, got {positions.dtype}")
+    if rotary_dim % 2 or not 0 < rotary_dim <= q.shape[3]:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and in (0, {q.shape[3]}]")
+    if q.shape[2] % n_groups or k.shape[2] % n_groups:
+        raise ValueError(
+            f"{q.shape[2]} query heads and {k.shape[2]} key heads cannot be split over "
+            f"{n_groups} KV groups"
+        )
+    if q.device.type != "cuda" and not interpreted():
+        raise ValueError(
+            f"the Triton FoPE kernel needs CUDA tensors (got {q.device}); use the torch path, "
+            "or TRITON_INTERPRET=1 to run it on the CPU"
+        )
+
+
+def _launch(
+    x_q: Tensor,
+    x_k: Tensor,
+    positions: Tensor,
+    w: Tensor,
+    a_cos: Tensor | None,
+    a_sin: Tensor | None,
+    n_groups: int,
+    rotary_dim: int,
+    zero_freq_sin: float,
+    interleaved: bool,
+    sign: int,
+    grad_inputs: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One launch over (position blocks, groups). ``a_cos is None``: RoPE limit."""
+    s, b, hq, d = x_q.shape
+    hk = x_k.shape[2]
+    rope = a_cos is None
+    d_in = w.shape[0] if not rope else rotary_dim // 2
+    d_out = a_cos.shape[2] if not rope else rotary_dim // 2
+    out_q = torch.empty(x_q.shape, dtype=x_q.dtype, device=x_q.device)
+    out_k = torch.empty(x_k.shape, dtype=x_k.dtype, device=x_k.device)
+    if s == 0 or b == 0:
+        return out_q, out_k, None, None
+    half = rotary_dim // 2
+    d_pass = d - rotary_dim
+    dummy = w  # unused pointer arguments (constexpr-disabled branches)
+    coef = (dummy, dummy) if rope else (a_cos, a_sin)
+    gq, gk = grad_inputs if grad_inputs is not None else (x_q, x_k)
+    common = dict(
+        QH_PER_G=hq // n_groups,
+        KH_PER_G=hk // n_groups,
+        N_GROUPS=n_groups,
+        D_R=rotary_dim,
+        D_PASS=d_pass,
+        D_IN=d_in,
+        D_OUT=d_out,
+        HALF_P2=triton.next_power_of_2(half),
+        PASS_P2=triton.next_power_of_2(max(d_pass, 1)),
+        ROPE=rope,
+        INTERLEAVED=bool(interleaved),
+        SIGN=sign,
+        ROUND_BF16=interpreted(),
+    )
+    args = (
+        x_q, x_k, out_q, out_k, gq, gk, positions, w, coef[0], coef[1],
+    )  # fmt: skip
+    strides = (
+        *x_q.stride(), *x_k.stride(), *out_q.stride(), *out_k.stride(), *gq.stride(), *gk.stride(),
+    )  # fmt: skip
+    if grad_inputs is None:
+        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), n_groups)  # noqa: E731
+        _fope_qk_tuned[grid](
+            *args, dummy, dummy, s, b, *strides, float(zero_freq_sin), COEF_GRAD=False, **common
+        )
+        return out_q, out_k, None, None
+    blocks = triton.cdiv(s, _COEF_GRAD_BLOCK)
+    part = torch.zeros(2, blocks, n_groups, d_in, d_out, dtype=torch.float32, device=x_q.device)
+    _fope_qk_kernel[(blocks, n_groups)](
+        *args, part[0], part[1], s, b, *strides, float(zero_freq_sin),
+        COEF_GRAD=True, BLOCK_S=_COEF_GRAD_BLOCK, num_warps=4, **common,
+    )  # fmt: skip
+    sums = part.sum(dim=1)
+    return out_q, out_k, sums[0], sums[1]
+
+
+class _FusedFoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, positions, w, a_cos, a_sin, rotary_dim, zero_freq_sin, interleaved):
+        n_groups = a_cos.shape[0] if a_cos is not None else k.shape[2]
+        out_q, out_k, _, _ = _launch(
+            q, k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin, interleaved, 1
+        )
+        learn = a_cos is not None and (a_cos.requires_grad or a_sin.requires_grad)
+        ctx.meta = (n_groups, rotary_dim, zero_freq_sin, interleaved, learn, q.shape, k.shape)
+        # Frozen coefficients: nothing activation-sized is kept (positions, w and the
+        # [G, D_in, D_out] coefficients only). Trainable ones need the inputs for dA.
+        if learn:
+            ctx.save_for_backward(positions, w, a_cos, a_sin, q, k)
+        else:
+            ctx.save_for_backward(positions, w, a_cos, a_sin)
+        return out_q, out_k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        n_groups, rotary_dim, zero_freq_sin, interleaved, learn, shape_q, shape_k = ctx.meta
+        saved = ctx.saved_tensors
+        positions, w, a_cos, a_sin = saved[:4]
+        inputs = (saved[4], saved[5]) if learn else None
+        like = grad_k if grad_q is None else grad_q
+        if grad_q is None:  # only k' was used
+            grad_q = like.new_zeros(shape_q)
+        if grad_k is None:
+            grad_k = like.new_zeros(shape_k)
+        dq, dk, da_cos, da_sin = _launch(
+            grad_q, grad_k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin,
+            interleaved, -1, inputs,
+        )  # fmt: skip
+        return dq, dk, None, None, da_cos, da_sin, None, None, None
+
+
+def fope_apply_qk(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    w_in: Tensor,
+    a_cos: Tensor,
+    a_sin: Tensor,
+    rotary_dim: int,
+    zero_freq_sin: float = 1.0,
+    interleaved: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Fused FoPE on ``q`` ``[s, b, Hq, d]`` and ``k`` ``[s, b, Hk, d]`` (any strides).
+
+    Args:
+        positions: integer positions ``[s]`` of the rows (CP chunks, shards, packed sequences).
+        w_in: the ``D_in`` non-zero (floored) frequencies, float32.
+        a_cos, a_sin: ``[n_groups, D_in, D_out]`` float32 coefficients of the groups q/k hold;
+            local query head ``h`` uses group ``h // (Hq / n_groups)``, key head ``h`` group
+            ``h // (Hk / n_groups)``.
+        rotary_dim: ``d_r``; dims beyond it pass through.
+
+    Returns ``(q', k')``, new contiguous tensors of q's dtype; math in float32.
+    """
+    if a_cos.dim() != 3 or a_cos.shape != a_sin.shape:
+        raise ValueError(
+            f"coefficients must be [groups, D_in, D_out] alike; got {tuple(a_cos.shape)} and "
+            f"{tuple(a_sin.shape)}"
+        )
+    if w_in.shape != (a_cos.shape[1],):
+        raise ValueError(f"w_in {tuple(w_in.shape)} must be [D_in] = [{a_cos.shape[1]}]")
+    if a_cos.shape[2] > rotary_dim // 2:
+        raise ValueError(f"D_out {a_cos.shape[2]} exceeds d_r/2 = {rotary_dim // 2}")
+    _check(q, k, positions, a_cos.shape[0], rotary_dim)
+    if a_cos.dtype != torch.float32 or a_sin.dtype != torch.float32:
+        raise ValueError(f"coefficients must be float32, got {a_cos.dtype} / {a_sin.dtype}")
+    return _FusedFoPE.apply(
+        q, k, positions, w_in.float().contiguous(), a_cos.contiguous(), a_sin.contiguous(),
+        int(rotary_dim), float(zero_freq_sin), bool(interleaved),
+    )  # fmt: skip
+
+
+def rope_apply_qk(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    w: Tensor,
+    rotary_dim: int,
+    interleaved: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Fused RoPE (FoPE's limit: identity coefficients, no floor) on q and k in one launch.
+
+    ``w``: the ``d_r/2`` frequencies, float32. Shapes and strides as :func:`fope_apply_qk`.
+    """
+    if w.shape != (rotary_dim // 2,):
+        raise ValueError(f"w {tuple(w.shape)} must be [d_r/2] = [{rotary_dim // 2}]")
+    # Heads share RoPE's tables: split them into as many groups as there are key heads, so the
+    # launch has enough programs.
+    _check(q, k, positions, k.shape[2], rotary_dim)
+    return _FusedFoPE.apply(
+        q, k, positions, w.float().contiguous(), None, None, int(rotary_dim), 1.0,
+        bool(interleaved),
+    )  # fmt: skip
