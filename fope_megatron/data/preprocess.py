@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fope_megatron.data import jsonl
 from fope_megatron.data.tokenizer import Tokenizer, get_tokenizer
 
 FORMATS = {
@@ -159,21 +160,37 @@ def preprocess(
     workers: int = 1,
     split: str = "train",
     text_sample_by: str = "document",
+    skip_bad_lines: bool = False,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into ``PREFIX.bin/.idx`` and ``PREFIX.meta.json``; returns the meta.
 
+    A malformed JSON line fails naming its file and line, unless ``skip_bad_lines`` drops such
+    lines (counted in the meta as ``skipped_bad_lines``).
+
     Raises:
         FileNotFoundError: an input path or glob matches nothing.
-        ValueError: unknown format, missing text column, or no non-empty document.
+        ValueError: unknown format, malformed line, missing text column, or no non-empty document.
     """
-    _resolve_inputs(inputs)  # fail on missing or unknown inputs before creating anything
+    # fail on missing or unknown inputs before creating anything
+    builder, files = _resolve_inputs(inputs)
     tok = get_tokenizer(tokenizer)
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     # the Arrow caches go to a scratch folder beside the output, never beside the inputs
+    bad_skipped = 0
     with tempfile.TemporaryDirectory(prefix=".fope-preprocess-", dir=prefix.parent) as scratch:
-        ds, key = load_text_dataset(inputs, json_key, split, text_sample_by, cache_dir=scratch)
+        if builder == "json" and skip_bad_lines:
+            inputs, bad_skipped = _skip_bad_lines(files, Path(scratch))
+        try:
+            ds, key = load_text_dataset(inputs, json_key, split, text_sample_by, cache_dir=scratch)
+        except Exception as err:
+            where = jsonl.first_bad_line(files) if builder == "json" else None
+            if where is None:
+                raise
+            raise ValueError(
+                f"malformed input {where}; fix it, or pass --skip-bad-lines to drop such lines"
+            ) from err
         num_rows = len(ds)
         if num_rows == 0:
             raise ValueError(f"inputs {[str(i) for i in inputs]} hold no documents")
@@ -212,11 +229,27 @@ def preprocess(
         "num_docs": num_docs,
         "num_tokens": num_tokens,
         "skipped_empty_docs": num_rows - num_docs,
+        "skipped_bad_lines": bad_skipped,
         "inputs": [str(i) for i in inputs],
         "json_key": key,
     }
     meta_path(prefix).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _skip_bad_lines(files: list[str], scratch: Path) -> tuple[list[str], int]:
+    """Clean copies (in ``scratch``) of the JSON-lines files that hold malformed lines."""
+    out, skipped = [], 0
+    for i, path in enumerate(files):
+        if jsonl.is_jsonl(path) and next(jsonl.bad_lines(path), None):
+            clean = scratch / f"clean-{i}.jsonl"
+            n = jsonl.without_bad_lines(path, clean)
+            print(f"fope-preprocess: skipped {n} malformed lines of {path}", file=sys.stderr)
+            out.append(str(clean))
+            skipped += n
+        else:
+            out.append(path)
+    return out, skipped
 
 
 def _write_indexed(tokenized, bin_path: str, idx_path: str, dtype, tok: Tokenizer):
@@ -263,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="document",
         help="for plain-text files: what one document is",
     )
+    p.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="drop malformed JSON lines (counted in the output and .meta.json) instead of failing",
+    )
     return p
 
 
@@ -280,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             split=args.split,
             text_sample_by=args.text_sample_by,
+            skip_bad_lines=args.skip_bad_lines,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"fope-preprocess: error: {e}", file=sys.stderr)
@@ -288,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {args.output_prefix}.bin/.idx: {meta['num_docs']} documents, "
         f"{meta['num_tokens']} tokens ({meta['dtype']}, tokenizer {meta['tokenizer']}, "
         f"vocab {meta['vocab_size']}, eod {meta['eod']})"
+        + (f"; skipped {meta['skipped_bad_lines']} malformed lines" if args.skip_bad_lines else "")
     )
     return 0
 

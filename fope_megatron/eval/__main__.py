@@ -10,62 +10,27 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+from .heldout import heldout_tokens
 
-
-def heldout_tokens(cfg, tokenizer, n_tokens: int, data: str | None) -> torch.Tensor:
-    """Held-out token stream: fresh synthetic documents (a seed training never used) for the
-    built-in corpus, else the validation documents of ``data`` (default: the run's first prefix)."""
-    if data is None and cfg.data.synthetic:
-        from ..data.synthetic import synthetic_document
-
-        ids: list[int] = []
-        i = 0
-        while len(ids) < n_tokens:
-            ids += tokenizer.encode(synthetic_document(i, seed=cfg.run.seed + 1_000_003))
-            ids.append(tokenizer.eod)
-            i += 1
-        return torch.tensor(ids[:n_tokens])
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from ..data.datasets import _split_doc_counts, parse_data_path
-
-    prefix = data or parse_data_path(cfg.data.path)[0][0]
-    ds = IndexedDataset(prefix, mmap=True)
-    weights = [float(x) for x in cfg.data.split.split(",")]
-    total = sum(weights)
-    bounds = np.cumsum([0.0] + [w / total for w in weights])
-    matrix = [(bounds[i], bounds[i + 1]) for i in range(len(weights))]
-    counts = _split_doc_counts(len(ds), matrix)
-    start = counts[0]
-    ids_np = []
-    have = 0
-    for doc in range(start, len(ds)):
-        seq = np.asarray(ds[doc], dtype=np.int64)
-        ids_np.append(seq)
-        have += len(seq)
-        if have >= n_tokens:
-            break
-    if have == 0:
-        raise ValueError(f"{prefix}: the split {cfg.data.split!r} leaves no held-out documents")
-    return torch.from_numpy(np.concatenate(ids_np)[:n_tokens])
+__all__ = ["heldout_tokens", "main"]
 
 
 def evaluate_run(args) -> dict:
-    from ..checkpoint.full_state import load_model
+    from ..checkpoint.full_state import load_model, load_run_config
     from ..data.tokenizer import get_tokenizer
     from .loader import logits_fn
     from .passkey import evaluate_passkey
     from .perplexity import evaluate_perplexity
     from .report import write_report
 
-    model, cfg, path = load_model(args.run, args.checkpoint)
+    # the data first: a bad --data fails before the model is built
+    cfg = load_run_config(args.run)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    fn = logits_fn(model)
     lengths = sorted(args.lengths)
     n_tokens = max(lengths) * args.ppl_chunks
     tokens = heldout_tokens(cfg, tokenizer, n_tokens, args.data)
+    model, cfg, path = load_model(args.run, args.checkpoint)
+    fn = logits_fn(model)
     ppl = evaluate_perplexity(
         fn, tokens, lengths, n_tokens=min(n_tokens, len(tokens)), stride=args.stride,
         max_batch_size=args.batch_size, progress=not args.no_progress,
@@ -107,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                    type=lambda s: [int(x) for x in s.split(",") if x])  # fmt: skip
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--compare", nargs="+", metavar="OUT_DIR", help="compare eval output dirs")
-    p.add_argument("--data", help="held-out data prefix (default: the run's valid split)")
+    p.add_argument("--data", help="held-out data: a dataset PREFIX (all of it is used) or a "
+                   ".jsonl/.json/.txt file tokenized here (default: the run's own data after its "
+                   "training split)")  # fmt: skip
     p.add_argument("--ppl-chunks", type=int, default=4,
                    help="chunks of the longest length; every length reads the same tokens")  # fmt: skip
     p.add_argument("--stride", type=int, default=None, help="sliding-window mode with this stride")

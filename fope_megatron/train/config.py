@@ -67,6 +67,11 @@ class TrainConfig:
     resume: str = "auto"  # 'auto' (latest in run.dir), 'none', or a checkpoint path
     init_from: Optional[str] = None  # checkpoint to take weights from (fresh optimizer and step)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # bad step: stop unsaved, or drop the update
+    max_consecutive_skips: int = 5  # on_nonfinite=skip: stop after this many skips in a row
+    loss_spike: float = 0.0  # also bad: loss > this x median of recent losses (0 = off)
+    loss_spike_window: int = 50  # good steps in that running median
+    resume_changes: Literal["apply", "refuse"] = "apply"  # changed lr/schedule/optimizer on resume
 
 
 @dataclass
@@ -143,6 +148,13 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DistConfig:
+    """torch.distributed settings."""
+
+    timeout_minutes: float = 30.0  # collective timeout: a rank that died ends the job after this
+
+
+@dataclass
 class DataConfig:
     """Training data: megatron IndexedDataset prefixes or the built-in synthetic corpus."""
 
@@ -165,6 +177,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> Config:
@@ -255,6 +268,15 @@ class Config:
         _check_sections(self)
         _check_layout(self, dims)
         return dims
+
+
+def _check_fusion(cfg: Config) -> None:
+    from fope_megatron.fope.fusion import FusionError, resolve_fusion
+
+    try:
+        resolve_fusion(cfg.position.fusion, cfg.model.position_embedding)
+    except FusionError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

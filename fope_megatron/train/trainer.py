@@ -14,8 +14,10 @@ import torch.distributed as dist
 
 from ..checkpoint import store as checkpoint
 from ..checkpoint.full_state import FULL_MODEL_FILE
-from .config import Config, ConfigError, check_data, check_vocab
+from . import resume
+from .config import Config, ConfigError, check_vocab
 from .engine import grad_norm
+from .guard import NONFINITE_EXIT_CODE, Guard
 from .metrics import MetricsLogger, Timer, flops_per_token, setup_logging
 
 log = logging.getLogger("fope")
@@ -55,9 +57,14 @@ def tokenizer_vocab(cfg: Config, prefixes: list[str]) -> int:
 
 def preflight(cfg: Config, world_size: int):
     """Every check that needs no process group; raises ConfigError naming key and value."""
+    from ..data.integrity import check_data_files
+
     dims = cfg.validate(world_size)
-    prefixes = check_data(cfg)
+    prefixes = check_data_files(cfg)
     check_vocab(cfg, tokenizer_vocab(cfg, prefixes))
+    found = checkpoint.resolve_resume(cfg.train.resume, cfg.run.dir)
+    if found is not None:
+        resume.check(cfg, found[0] / found[1])  # train.resume_changes=refuse fails here
     return dims
 
 
@@ -91,7 +98,7 @@ class Trainer:
 
         ensure_accelerator()
         self.cfg = cfg
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(cfg.dist.timeout_minutes)
         setup_logging(self.rank)
         self.dims = cfg.validate(self.world)
         p = cfg.parallel
@@ -123,6 +130,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.mpu = MegatronMPU()
         self.step = 0
+        self.guard = Guard(cfg.train)
         self.consumed_samples = 0
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is None and cfg.train.init_from:
@@ -178,10 +186,18 @@ class Trainer:
             client = checkpoint.load(self.engine, root, tag)
             self.step = int(client["step"])
             self.consumed_samples = int(client["consumed_samples"])
+            self.guard.load_state(client.get("guard"))
             log.info("resumed from %s at step %d", root / tag, self.step)
+            changed = resume.check(self.cfg, root / tag)
+            if changed:
+                resume.apply(self.cfg, self.scheduler, changed)
 
     def save(self) -> Path:
-        client = {"step": self.step, "consumed_samples": self.consumed_samples}
+        client = {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "guard": self.guard.state(),
+        }
         path = checkpoint.save(
             self.engine, self.run_dir, self.step, client, self.cfg.train.keep_last,
             extra=self._save_full_model,
@@ -192,7 +208,10 @@ class Trainer:
     def _save_full_model(self, folder: Path) -> None:
         """``model_full.pt``: the unsharded (TP=1) model state, loadable at any TP layout
         (evaluation, ``train.init_from``). Not written under ZeRO-3, whose partitioned
-        parameters DeepSpeed's own zero_to_fp32 consolidates instead."""
+        parameters DeepSpeed's own zero_to_fp32 consolidates instead. Also the schedule and
+        optimizer settings (``train_settings.json``) a resume compares its config with."""
+        if self.rank == 0:
+            resume.write_settings(self.cfg, folder)
         if self.cfg.deepspeed.zero_stage == 3:
             return
         from ..checkpoint.reshard import save_full_checkpoint
@@ -237,26 +256,67 @@ class Trainer:
         dist.all_reduce(t, group=self.ps.get_data_parallel_group(with_context_parallel=True))
         return t.tolist()
 
-    def train_step(self, it) -> tuple[float, float]:
+    def train_step(self, it) -> tuple[float, float, str | None, bool]:
+        """One optimizer step: ``(loss, grad norm, why the guard objects or None, whether the
+        engine dropped the update)``. The loss is agreed on before the last backward, so a bad
+        step can be dropped (``train.on_nonfinite=skip``) before it reaches the optimizer."""
         loss_sum, tokens = 0.0, 0.0
         self.engine.train()
-        norm = None
-        for _ in range(self.gas):
+        norm, reason = None, None
+        skipped_before = self.engine.skipped_steps
+        fault = self.rank == 0 and self.step + 1 in _fault_steps("FOPE_FAULT_NONFINITE")
+        for micro in range(self.gas):
             batch = next(it)
             loss, total, count = self._forward(self.engine, batch)
+            if fault:  # fault injection for tests: this rank's loss becomes NaN
+                loss, total = loss * float("nan"), total * float("nan")
+            loss_sum += total.item()
+            tokens += count.item()
+            if micro == self.gas - 1:
+                loss_sum, tokens = self._reduce_dp(loss_sum, tokens)
+                reason = self._agree(self.guard.before_update(loss_sum / max(tokens, 1.0)))
+                if reason and self.guard.poison:
+                    # non-finite gradients make every engine drop the update (DeepSpeed's
+                    # overflow skip under ZeRO 1-3, _drop_update under ZeRO-0)
+                    loss = loss * float("nan")
             self.engine.backward(loss)
+            dropping = False
             if (
                 self.cfg.deepspeed.zero_stage == 0
                 and self.engine.is_gradient_accumulation_boundary()
             ):
                 norm = grad_norm(self.engine.module, self.mpu)  # ZeRO-0 reports none itself
+                dropping = not math.isfinite(norm)
+                if dropping:
+                    self._drop_update()
             self.engine.step()
-            loss_sum += total.item()
-            tokens += count.item()
-        loss_sum, tokens = self._reduce_dp(loss_sum, tokens)
+            if dropping:
+                del self.engine.optimizer.step  # the class's own step again
+                self.engine.optimizer.overflow = False
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        return loss_sum / max(tokens, 1.0), float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        dropped = self.engine.skipped_steps > skipped_before
+        return loss_sum / max(tokens, 1.0), norm, reason, dropped
+
+    def _drop_update(self) -> None:
+        """ZeRO-0, for the coming ``engine.step()``: the optimizer step is a no-op (gradients
+        zeroed so the engine's clipping stays finite) and ``optimizer.overflow``, the flag
+        DeepSpeed's engine reads after a step, makes it count a skipped step and hold the lr."""
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        opt = self.engine.optimizer
+        opt.step = lambda *args, **kwargs: None
+        opt.overflow = True
+
+    def _agree(self, reason: str | None) -> str | None:
+        """Every rank takes the same decision (any rank objecting counts)."""
+        flag = torch.tensor([1 if reason else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and reason is None:
+            return "another rank found the step bad"
+        return reason
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -298,7 +358,8 @@ class Trainer:
         try:
             while self.step < t.steps:
                 lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm = self.train_step(it)
+                loss, grad_norm, reason, dropped = self.train_step(it)
+                verdict = self.guard.after_update(reason, loss, grad_norm, dropped)
                 self.step += 1
                 self.consumed_samples += t.global_batch_size
                 dt = timer.lap()
@@ -312,9 +373,20 @@ class Trainer:
                     "step_time_s": dt,
                     "dp": self.dp,
                     "world_size": self.world,
+                    "skipped": verdict.bad and not verdict.stop,
+                    "skipped_total": self.guard.total_skipped,
                 }
                 console = self.step % cfg.run.log_interval == 0 or self.step == 1
-                metrics.train_step(record, fpt, console)
+                metrics.train_step(record, fpt, console or verdict.bad)
+                if verdict.stop:
+                    # nothing of this step is saved: the last good checkpoint stays latest
+                    exit_code = NONFINITE_EXIT_CODE
+                    log.error("step %d: %s; stopping without saving", self.step, verdict.reason)
+                    self._exit_status("nonfinite", exit_code, why=verdict.reason)
+                    break
+                if verdict.bad:
+                    log.warning("step %d: %s; update dropped (%d in a row, %d in all)", self.step,
+                                verdict.reason, self.guard.consecutive, self.guard.total_skipped)  # fmt: skip
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                     val = self.evaluate()
                     metrics.write({"step": self.step, **val})
@@ -339,7 +411,7 @@ class Trainer:
             metrics.close()
         return exit_code
 
-    def _exit_status(self, reason: str, code: int) -> None:
+    def _exit_status(self, reason: str, code: int, why: str | None = None) -> None:
         if self.rank == 0:
             status = {"reason": reason, "step": self.step, "exit_code": code}
             (self.run_dir / "exit_status.json").write_text(json.dumps(status) + "\n")
