@@ -414,8 +414,16 @@ class Trainer:
     def _exit_status(self, reason: str, code: int, why: str | None = None) -> None:
         if self.rank == 0:
             status = {"reason": reason, "step": self.step, "exit_code": code}
+            if why is not None:
+                latest = checkpoint.find_latest(checkpoint.checkpoint_root(self.run_dir))
+                status.update(detail=why, last_checkpoint=latest)
             (self.run_dir / "exit_status.json").write_text(json.dumps(status) + "\n")
             log.info("exit: %s", status)
+
+
+def _fault_steps(name: str) -> set[int]:
+    """Steps listed in the environment variable ``name`` (``"5,6"``): fault injection for tests."""
+    return {int(x) for x in os.environ.get(name, "").split(",") if x.strip()}
 
 
 def train(cfg: Config) -> int:
