@@ -24,26 +24,10 @@ see ``ParallelDims.dp_shard``):
   weights, plus a gathered working set of two modules' full weights (the largest module: one
   layer or the embedding; current + prefetch). Offload (ZeRO-3) moves the optimizer state, the
   gradient partition and the weight partition to CPU memory (reported as ``cpu_offload``).
-- Activations of one micro-batch (``b``, local sequence ``s = seq / (cp * ulysses)``), bytes
-  per layer, no recomputation, bf16 activations, following Korthikanti et al. 2022 ("Reducing
-  Activation Recomputation in Large Transformer Models", section 4) generalised to GQA
-  and SwiGLU::
-
-      s*b * [ R / (tp if sp else 1) + (Q + KV + P + MLP) / tp ] (+ s*b * A / tp without flash)
-      R   = 4h (two norm inputs) + 2h (QKV input) + 2h (fc1 input) + 2h (two dropout masks,
-            only when hidden_dropout > 0)
-      Q + KV + P = 2h (queries) + 4*G*d (keys, values) + 2h (attention output)
-      MLP = 8f for SwiGLU as megatron computes it unfused (fc1 out 4f, silu 2f, product 2f),
-            4f for GeLU (fc1 out 2f, fc2 in 2f)
-      A   = a*s*(2 + 3 with attention dropout): the score matrix, only without flash attention
-
-  For MHA, a GeLU MLP with f = 4h and dropout on this is exactly ``s*b*h*(34 + 5*a*s/h)`` (and
-  ``10 + 24/tp`` without sequence parallelism). Default ``--attention flash`` (SDPA/flash/TE
-  fused attention stores no score matrix) drops the ``A`` term. Added: the FoPE/RoPE tables
-  kept for backward (two float32 ``[s/cp, G_local, d_r]`` per layer), the head (final-norm and
-  output-layer inputs, 4sbh) and the logits, ``6 * s*b*V/tp`` bytes (bf16 logits + the float32
-  softmax megatron's vocab-parallel cross entropy saves). Activation checkpointing is not a
-  config option, so none is assumed.
+- Activations of one micro-batch (bf16, Korthikanti et al. 2022 generalised to GQA/SwiGLU, with
+  ``train.recompute`` applied: selective drops the attention-score terms, full keeps each
+  checkpointed chunk's input plus one chunk's activations) and the logits: the formulas are in
+  ``fope_megatron/plan_activations.py``. Default ``--attention flash`` stores no score matrix.
 - A fixed ``--overhead-gb`` (default 3) for the CUDA context, NCCL and DeepSpeed communication
   buckets and allocator fragmentation.
 """
@@ -64,6 +48,7 @@ import torch
 from fope_megatron.fope import base_frequencies, default_d_out, floor_frequencies
 from fope_megatron.model.vocab import padded_vocab_size
 from fope_megatron.parallel.dims import ParallelDims
+from fope_megatron.plan_activations import activation_bytes
 from fope_megatron.train.config import Config, ConfigError, load_config
 
 GIB = 1024**3
@@ -236,36 +221,6 @@ def state_bytes(cfg: Config, count: ParamCount, dims: ParallelDims) -> dict[str,
     )
 
 
-def activation_bytes(
-    cfg: Config, dims: ParallelDims, count: ParamCount, flash: bool = True
-) -> dict[str, float]:
-    """Activation bytes of one micro-batch per GPU: ``activations`` (the transformer layers) and
-    ``logits`` (final-norm and output-layer inputs, bf16 logits and the float32 softmax)."""
-    m, t = cfg.model, dims.tp
-    h, a = m.hidden_size, m.num_attention_heads
-    d = h // a
-    kv = (m.num_query_groups or a) * d
-    f = m.ffn_hidden_size or 4 * h
-    b = cfg.train.micro_batch_size
-    s = cfg.train.seq_length // (dims.cp * dims.ulysses)
-    sp = cfg.parallel.sp and t > 1
-    replicated = 8 * h + (2 * h if m.hidden_dropout > 0 else 0)
-    sharded = 4 * h + 4 * kv + (8 * f if m.swiglu else 4 * f)
-    if count.fope_learnable:
-        sharded += 8 * (h + kv)  # float32 q/k and rotate_half(q/k) kept for the table grads
-    per_token = replicated / (t if sp else 1) + sharded / t
-    if not flash:
-        per_token += a * s * (2 + (3 if m.attention_dropout > 0 else 0)) / t
-    per_layer = s * b * per_token
-    if m.position_embedding != "none":
-        d_r = int(d * m.rotary_percent)
-        groups = count.fope.groups if count.fope else 1
-        per_layer += 2 * (cfg.train.seq_length // dims.cp) * groups * d_r * 4
-    head = s * b * 4 * h / (t if sp else 1)
-    logits = 6 * s * b * padded_vocab_size(cfg) / t
-    return dict(activations=m.num_layers * per_layer, logits=head + logits)
-
-
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -346,6 +301,7 @@ def estimate(cfg: Config, layout: Layout, config_name: str = "", overrides=()) -
             global_batch_size=t.global_batch_size,
             grad_accum_steps=dims.grad_accum_steps(t.global_batch_size, t.micro_batch_size),
             seq_length=t.seq_length,
+            recompute=t.recompute,
             gpu_memory_gb=layout.gpu_memory_gb,
             flash_attention=layout.flash_attention,
         ),
@@ -374,16 +330,34 @@ def estimate(cfg: Config, layout: Layout, config_name: str = "", overrides=()) -
                 if cfg.deepspeed.zero_stage
                 else "ZeRO-0: nothing partitioned"
             ),
-            "activations: Korthikanti et al. 2022 per-layer formula (GQA/SwiGLU), no "
-            "recomputation, "
+            "activations: Korthikanti et al. 2022 per-layer formula (GQA/SwiGLU), "
+            + (f"{t.recompute} recompute, " if t.recompute != "none" else "no recompute, ")
             + ("fused attention (no score matrix)" if layout.flash_attention else "s x s scores"),
             f"logits: 6 bytes x s x b x vocab/tp; overhead {layout.overhead_gb:g} GiB",
         ],
     )
 
 
+def _recompute_candidates(cfg: Config, layout: Layout) -> tuple[list, list]:
+    """Selective and full activation recompute (each empty when already on, or when it would
+    change nothing: selective with flash attention has no score matrix to drop)."""
+    kind = cfg.train.recompute
+    selective, full = [], []
+    if kind == "none" and not layout.flash_attention:
+        text = "selective activation recompute (of the core attention)"
+        selective.append((text, ["train.recompute=selective"]))
+    if kind != "full":
+        text = "full activation recompute (about one more forward per step)"
+        full.append((text, ["train.recompute=full"]))
+    return selective, full
+
+
 def _candidates(cfg: Config, dims: ParallelDims, layout: Layout, dominant: str):
-    """``(text, overrides)`` worth trying on the same GPUs, the most relevant first."""
+    """``(text, overrides)`` worth trying on the same GPUs, the most relevant first.
+
+    Recompute is among them only where it fits (see ``plan``): selective, the cheap one, first
+    for activation-bound plans; full, which costs about a third more compute, after tp.
+    """
     p, stage = cfg.parallel, cfg.deepspeed.zero_stage
     zero: list[tuple[str, list[str]]] = []
     if dims.dp_shard > 1 and stage < 3 and (stage < 2 or p.tp == 1):
@@ -400,7 +374,10 @@ def _candidates(cfg: Config, dims: ParallelDims, layout: Layout, dominant: str):
     if cfg.train.micro_batch_size > 1:
         half = cfg.train.micro_batch_size // 2
         mb.append((f"lower the micro batch to {half}", [f"train.micro_batch_size={half}"]))
-    return mb + tp + zero if dominant in ("activations", "logits") else zero + tp + mb
+    selective, full = _recompute_candidates(cfg, layout)
+    if dominant in ("activations", "logits"):
+        return selective + mb + tp + full + zero
+    return zero + tp + mb + selective + full
 
 
 def _more_nodes(path, overrides: list[str], cfg: Config, layout: Layout) -> str | None:
@@ -426,8 +403,8 @@ def _more_nodes(path, overrides: list[str], cfg: Config, layout: Layout) -> str 
 
 def plan(path: str | Path, layout: Layout, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
     """Load, validate and estimate ``path`` with ``overrides``; when it does not fit, try the
-    usual fixes (ZeRO stage, tensor parallelism, micro batch, more nodes) and list the possible
-    ones with their resulting memory.
+    usual fixes (ZeRO stage, tensor parallelism, micro batch, activation recompute, more nodes)
+    and list the possible ones with their resulting memory (recompute only where it fits).
 
     Raises:
         ConfigError: the config or the layout is impossible.
@@ -443,6 +420,8 @@ def plan(path: str | Path, layout: Layout, overrides: list[str] | tuple[str, ...
             alt = estimate(load_config(path, overrides + extra), layout)
         except ConfigError:
             continue  # not possible with this model / layout
+        if not alt.fits and "train.recompute" in extra[0]:
+            continue  # suggested only where it makes the run fit
         verdict = "fits" if alt.fits else "still does not fit"
         gib = alt.memory_bytes["total"] / GIB
         result.suggestions.append(f"{text} ({' '.join(extra)}): {gib:.1f} GiB, {verdict}")
@@ -491,7 +470,8 @@ def render(result: Plan) -> str:
         f"layout   {lay['nodes']} node(s) x {lay['gpus_per_node']} GPU(s) = {lay['world']}: "
         f"dp {lay['dp']} x tp {lay['tp']}{' (sp)' if lay['sp'] else ''} x cp {lay['cp']} x "
         f"ulysses {lay['ulysses']}; ZeRO-{lay['zero_stage']}{' + offload' if lay['offload'] else ''}"
-        f" over {lay['zero_shards']} ranks; {lay['precision']}",
+        f" over {lay['zero_shards']} ranks; {lay['precision']}"
+        + (f"; {lay['recompute']} recompute" if lay["recompute"] != "none" else ""),
         f"batch    micro {lay['micro_batch_size']} x dp {lay['dp']} x accum "
         f"{lay['grad_accum_steps']} = {lay['global_batch_size']} sequences x {lay['seq_length']}"
         f" = {result.tokens_per_step:,} tokens/step",

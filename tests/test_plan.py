@@ -191,11 +191,9 @@ def test_zero_stages_divide_by_the_zero_group(cp):
     assert mem[3].memory_bytes["weights"] == pytest.approx(zero0["weights"] / shards + gathered)
 
 
-def test_activation_formula_reduces_to_korthikanti():
-    """MHA, GeLU MLP of 4h, dropout on, no flash: s*b*h*(34 + 5as/h) per layer, tp with sp
-    divides all of it, tp without sp gives s*b*h*(10 + 24/t + 5as/(ht))."""
-    s, b, h, a, layers = 256, 2, 128, 4, 3
-    base = [
+def _mha_gelu(s: int, b: int, h: int, a: int, layers: int) -> list[str]:
+    """Korthikanti et al.'s model: MHA, GeLU MLP of 4h, dropout on, no position tables."""
+    return [
         f"model.num_layers={layers}",
         f"model.hidden_size={h}",
         f"model.num_attention_heads={a}",
@@ -207,6 +205,13 @@ def test_activation_formula_reduces_to_korthikanti():
         f"train.seq_length={s}",
         f"train.micro_batch_size={b}",
     ]
+
+
+def test_activation_formula_reduces_to_korthikanti():
+    """MHA, GeLU MLP of 4h, dropout on, no flash: s*b*h*(34 + 5as/h) per layer, tp with sp
+    divides all of it, tp without sp gives s*b*h*(10 + 24/t + 5as/(ht))."""
+    s, b, h, a, layers = 256, 2, 128, 4, 3
+    base = _mha_gelu(s, b, h, a, layers)
     for tp, sp, factor in [
         (1, False, 34 + 5 * a * s / h),
         (2, True, (34 + 5 * a * s / h) / 2),
@@ -251,3 +256,76 @@ def test_impossible_layout_gives_the_config_error(capsys):
     assert main([*argv, "8", "--gpu-memory-gb", "80", "deepspeed.zero_stage=3"]) == 2
     err = capsys.readouterr().err
     assert "configuration error" in err and "deepspeed.zero_stage=3 with parallel.tp=2" in err
+
+
+def test_recompute_in_the_activation_formula():
+    """Korthikanti's MHA/GeLU case (per layer s*b*h*(34 + 5as/h) without flash): selective keeps
+    s*b*h*34; full keeps each chunk's bf16 input 2sbh plus one chunk's layers in backward."""
+    s, b, h, a, layers = 256, 2, 128, 4, 4
+    base = _mha_gelu(s, b, h, a, layers)
+    layer, kept = s * b * h * (34 + 5 * a * s / h), 2 * s * b * h
+    full = ["train.recompute=full"]
+    block = [*full, "train.recompute_method=block"]
+    for extra, flash, tp, expected in [
+        ([], False, 1, layers * layer),
+        (["train.recompute=selective"], False, 1, layers * s * b * h * 34),
+        (["train.recompute=selective"], True, 1, layers * s * b * h * 34),  # flash: = none
+        ([], True, 1, layers * s * b * h * 34),
+        (full, False, 1, layers * kept + layer),  # uniform, one layer per chunk
+        ([*full, "train.recompute_num_layers=2"], False, 1, 2 * kept + 2 * layer),
+        ([*full, "train.recompute_num_layers=4"], False, 1, kept + 4 * layer),
+        ([*block, "train.recompute_num_layers=1"], False, 1, kept + 3 * layer),
+        (block, False, 1, layers * kept + layer),  # block default: all layers
+        (full, False, 2, (layers * kept + layer) / 2),  # tp=2 with sp divides everything
+    ]:
+        sp = [f"parallel.tp={tp}", f"parallel.sp={tp > 1}"]
+        cfg = load_config(None, [*base, *sp, *extra])
+        dims = cfg.validate(tp)
+        mem = activation_bytes(cfg, dims, count_parameters(cfg, tp), flash=flash)
+        assert mem["activations"] == pytest.approx(expected), (extra, flash, tp)
+        plain = load_config(None, [*base, *sp])
+        logits = activation_bytes(plain, dims, count_parameters(plain, tp), flash)["logits"]
+        assert mem["logits"] == logits  # recompute leaves the head alone
+
+
+def test_full_recompute_keeps_one_layer_of_fope_tables():
+    """FoPE/RoPE tables are made inside the layer: under full recompute only the layer being
+    recomputed holds them, like the rest of its activations."""
+    cfg = load_config(None, [*TINY, "train.seq_length=128"])
+    dims = cfg.validate(1)
+    count = count_parameters(cfg)
+    none = activation_bytes(cfg, dims, count)["activations"]
+    full_cfg = load_config(None, [*TINY, "train.seq_length=128", "train.recompute=full"])
+    full = activation_bytes(full_cfg, dims, count)["activations"]
+    kept = 2 * 128 * cfg.train.micro_batch_size * 64
+    assert full == pytest.approx(2 * kept + none / 2)
+
+
+def test_plan_suggests_recompute_only_where_it_fits():
+    path = CONFIGS / "llama_7b_fope.yaml"  # 32 layers, s 4096, b 2, 32 heads, tp 2 with sp
+    scores = 32 * 4096 * 2 * (32 * 4096 * 2) / 2  # L * s*b * a*s*2 / tp: the score matrices
+    math = Layout(nodes=1, gpus_per_node=8, gpu_memory_gb=60, flash_attention=False)
+    none = estimate(load_config(path, []), math)
+    selective = estimate(load_config(path, ["train.recompute=selective"]), math)
+    assert none.memory_bytes["total"] - selective.memory_bytes["total"] == scores  # 32 GiB
+    assert not none.fits and selective.fits and none.dominant == "activations"
+    result = plan(path, math)
+    want = f"(train.recompute=selective): {selective.memory_bytes['total'] / GIB:.1f} GiB, fits"
+    assert result.suggestions[0].endswith(want) and want in result.reason  # cheap one first
+    # with flash attention there is no score matrix: selective would change nothing
+    flash = Layout(nodes=1, gpus_per_node=8, gpu_memory_gb=40)
+    full = estimate(load_config(path, ["train.recompute=full"]), flash)
+    result = plan(path, flash)
+    assert not any("selective" in s for s in result.suggestions)
+    want = f"(train.recompute=full): {full.memory_bytes['total'] / GIB:.1f} GiB, fits"
+    assert any(s.endswith(want) for s in result.suggestions), result.suggestions
+    # 32 bf16 layer inputs [s/tp, b, h] + one layer instead of 32 layers
+    layer = estimate(load_config(path, []), flash).memory_bytes["activations"] / 32
+    kept = 2 * 4096 * 2 * 4096 / 2
+    assert full.memory_bytes["activations"] == pytest.approx(32 * kept + layer)
+    # not suggested where it does not fit, nor when already on
+    small = Layout(nodes=1, gpus_per_node=8, gpu_memory_gb=20)
+    assert not any("recompute" in s for s in plan(path, small).suggestions)
+    on = plan(path, Layout(nodes=1, gpus_per_node=8, gpu_memory_gb=30), ["train.recompute=full"])
+    assert not on.fits and not any("recompute" in s for s in on.suggestions)
+    assert "full recompute" in on.assumptions[1]

@@ -13,13 +13,18 @@ those versions:
   allocates its reduce-scatter output on CUDA.
 - ``get_cuda_rng_tracker().fork()`` (``TransformerBlock`` and the embedding under
   ``sequence_parallel``) reads and writes CUDA generator states.
+- ``tensor_parallel.random.CheckpointFunction`` (activation recompute, ``train.recompute``)
+  saves and restores every RNG state through ``_get_all_rng_states`` / ``_set_all_rng_states``,
+  which read the CUDA default generator (``torch.cuda.get_rng_state``) unconditionally.
 
 gloo itself supports every collective used (``all_gather_into_tensor``, ``reduce_scatter_tensor``,
 ``all_to_all_single`` in torch >= 2.6), so only allocation and RNG need replacing. The three
 mapping helpers are replaced by device-agnostic versions with the same signature; the linear
 helper is wrapped so that with ``sequence_parallel`` it gathers through the (patched)
 differentiable mapping and then runs megatron's own non-sequence-parallel matmul; and the RNG
-tracker is replaced by :class:`CPURNGStatesTracker` (megatron's own tracker class, CPU states).
+tracker is replaced by :class:`CPURNGStatesTracker` (megatron's own tracker class, CPU states);
+the two recompute RNG helpers are replaced by versions that save the CPU generator and the
+tracker's states only (there is no CUDA generator).
 
 Everything is applied by :func:`apply_megatron_cpu_compat`, once, only when CUDA is absent.
 Delete this module when megatron-core allocates on the input's device.
@@ -176,9 +181,26 @@ def install_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+# ----------------------------------------------------------------------------- recompute RNG
+def _get_all_rng_states():
+    """megatron's ``_get_all_rng_states`` without the CUDA generator: (cpu, None, tracker)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return torch.get_rng_state(), None, get_cuda_rng_tracker().get_states()
+
+
+def _set_all_rng_states(cpu_rng_state, cuda_rng_state, cuda_rng_state_tracker):
+    """megatron's ``_set_all_rng_states`` without the CUDA generator."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(cpu_rng_state)
+    get_cuda_rng_tracker().set_states(cuda_rng_state_tracker)
+
+
 # ----------------------------------------------------------------------------- entry point
 def apply_megatron_cpu_compat() -> bool:
-    """Patch megatron-core's sequence-parallel helpers for CPU; returns True when applied.
+    """Patch megatron-core's sequence-parallel and recompute-RNG helpers for CPU; returns True
+    when applied.
 
     Idempotent; does nothing (returns False) when CUDA is available.
     """
@@ -187,7 +209,7 @@ def apply_megatron_cpu_compat() -> bool:
         return False
     if _APPLIED:
         return True
-    from megatron.core.tensor_parallel import layers, mappings
+    from megatron.core.tensor_parallel import layers, mappings, random
 
     mappings._gather_along_first_dim = _gather_along_first_dim
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
@@ -195,5 +217,8 @@ def apply_megatron_cpu_compat() -> bool:
     fn = layers.linear_with_grad_accumulation_and_async_allreduce
     if not getattr(fn, "fope_cpu_compat", False):
         layers.linear_with_grad_accumulation_and_async_allreduce = _wrap_linear(fn)
+    # CheckpointFunction, _fork_rng and CheckpointWithoutOutput look these up as module globals
+    random._get_all_rng_states = _get_all_rng_states
+    random._set_all_rng_states = _set_all_rng_states
     _APPLIED = True
     return True

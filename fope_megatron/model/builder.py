@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..fope import FoPEConfig
 from .attention import PositionSettings
+from .recompute import megatron_recompute_kwargs
 from .spec import get_fope_block_spec, transformer_engine_usable
 from .vocab import padded_vocab_size
 
@@ -54,6 +55,7 @@ def transformer_config(cfg) -> TransformerConfig:
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        **megatron_recompute_kwargs(cfg),  # train.recompute: megatron's own activation recompute
     )
 
 
@@ -146,7 +148,7 @@ def build_gpt(
     if not torch.cuda.is_available():
         from ..compat.megatron_cpu import apply_megatron_cpu_compat
 
-        apply_megatron_cpu_compat()  # megatron's sequence-parallel path on CPU (no-op on GPU)
+        apply_megatron_cpu_compat()  # megatron's SP path and recompute RNG on CPU (no-op on GPU)
     spec = get_fope_block_spec(
         tconf,
         position_settings(cfg, frequencies),

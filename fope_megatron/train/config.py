@@ -72,6 +72,9 @@ class TrainConfig:
     loss_spike: float = 0.0  # also bad: loss > this x median of recent losses (0 = off)
     loss_spike_window: int = 50  # good steps in that running median
     resume_changes: Literal["apply", "refuse"] = "apply"  # changed lr/schedule/optimizer on resume
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recompute (megatron's)
+    recompute_num_layers: Optional[int] = None  # full: per chunk (uniform, 1) / first N (block, L)
+    recompute_method: Literal["uniform", "block"] = "uniform"  # full: megatron's recompute_method
 
 
 @dataclass
@@ -483,6 +486,9 @@ def _check_sections(c: Config) -> None:
         _fail("position.beta_fast", p.beta_fast, f"must be > position.beta_slow={p.beta_slow}")
     _check_deepspeed(c)
     _check_data_section(c)
+    from ..model.recompute import check_recompute  # it imports ConfigError from here
+
+    check_recompute(c)
 
 
 def _check_deepspeed(c: Config) -> None:
