@@ -8,6 +8,7 @@ leaves ``latest`` naming the previous complete checkpoint; incomplete folders ar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from . import manifest
+
+log = logging.getLogger("fope")
 MARKER = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
@@ -47,21 +51,51 @@ def find_latest(root: Path) -> str | None:
     return tags[-1] if tags else None
 
 
+def newest_intact(root: Path) -> str | None:
+    """The newest complete checkpoint under ``root`` that matches its manifest (None if there is
+    no complete one). Damaged newer ones are skipped with a loud warning naming their files.
+
+    Raises:
+        manifest.CheckpointDamaged: every complete checkpoint is damaged.
+    """
+    latest = find_latest(root)
+    order = ([latest] if latest else []) + [t for t in reversed(complete_tags(root)) if t != latest]
+    damaged = []
+    for tag in order:
+        bad = manifest.damaged_files(root / tag)
+        if not bad:
+            if damaged:
+                listed = "\n  ".join(f for _, files in damaged for f in files)
+                log.warning(
+                    "!!! DAMAGED CHECKPOINT%s %s skipped; using %s, the newest intact one.\n  %s",
+                    "S" if len(damaged) > 1 else "", ", ".join(t for t, _ in damaged),
+                    root / tag, listed,
+                )  # fmt: skip
+            return tag
+        damaged.append((tag, bad))
+    if damaged:
+        listed = "; ".join(f for _, files in damaged for f in files)
+        raise manifest.CheckpointDamaged(f"every checkpoint in {root} is damaged: {listed}")
+    return None
+
+
 def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path, str] | None:
-    """``auto`` -> the latest complete checkpoint of ``run_dir`` (or None), ``none`` -> None,
-    a path -> that checkpoint folder (``.../step_N``) or a checkpoints root (its latest)."""
+    """``auto`` -> the newest intact checkpoint of ``run_dir`` (or None), ``none`` -> None,
+    a path -> that checkpoint folder (``.../step_N``, verified, no fallback) or a checkpoints
+    root / run dir (its newest intact checkpoint)."""
     if resume == "none":
         return None
     if resume == "auto":
         root = checkpoint_root(run_dir)
-        tag = find_latest(root)
+        tag = newest_intact(root)
         return (root, tag) if tag else None
     path = Path(resume)
     if (path / MARKER).is_file():
+        manifest.verify(path)
         return path.parent, path.name
     if path.is_dir():
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        tag = find_latest(root)
+        tag = newest_intact(root)
         if tag:
             return root, tag
     raise FileNotFoundError(
@@ -74,7 +108,9 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "latest") -> Path:
     """The complete checkpoint folder ``checkpoint`` names in ``run_dir``.
 
     ``checkpoint``: ``latest``, a tag (``step_00000100``, ``step_100``), or a path to a
-    checkpoint folder, a checkpoints root or a run dir. Raises FileNotFoundError naming the input.
+    checkpoint folder, a checkpoints root or a run dir. Raises FileNotFoundError naming the input,
+    ``manifest.CheckpointDamaged`` naming the damaged files of a named checkpoint (no fallback:
+    evaluation and export must not silently use another one).
     """
     root = checkpoint_root(run_dir)
     if checkpoint in ("latest", "auto"):
@@ -83,11 +119,13 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str = "latest") -> Path:
             raise FileNotFoundError(
                 f"no complete checkpoint in {root} (a step_N folder holding {MARKER})"
             )
+        manifest.verify(root / tag)
         return root / tag
     found = re.fullmatch(r"step_(\d+)", checkpoint)
     if found and not Path(checkpoint).exists():
         tag = tag_for(int(found.group(1)))
         if (root / tag / MARKER).is_file():
+            manifest.verify(root / tag)
             return root / tag
         raise FileNotFoundError(
             f"checkpoint {checkpoint!r}: {root / tag} is not a complete checkpoint; complete "
@@ -131,13 +169,24 @@ def save(
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if dist.get_rank() == 0:
+        manifest.write(root / tag)  # every rank's files are written: the barrier above
         _atomic_write(root / tag / MARKER, json.dumps({"step": step}) + "\n")
         _atomic_write(root / "latest", tag + "\n")
         if keep_last > 0:
-            for old in complete_tags(root)[:-keep_last]:
-                shutil.rmtree(root / old, ignore_errors=True)
+            prune(root, keep_last)
     dist.barrier()
     return root / tag
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints older than the last ``keep_last``, never the newest one whose
+    files match its manifest's names and sizes (a cheap check; resume verifies checksums)."""
+    tags = complete_tags(root)
+    intact = (t for t in reversed(tags) if not manifest.problems(root / t, checksums=False))
+    keep = set(tags[-keep_last:]) | {next(intact, None)}
+    for old in tags:
+        if old not in keep:
+            shutil.rmtree(root / old, ignore_errors=True)
 
 
 def load(engine, root: Path, tag: str, module_only: bool = False) -> dict:

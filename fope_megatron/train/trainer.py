@@ -62,7 +62,14 @@ def preflight(cfg: Config, world_size: int):
     dims = cfg.validate(world_size)
     prefixes = check_data_files(cfg)
     check_vocab(cfg, tokenizer_vocab(cfg, prefixes))
-    found = checkpoint.resolve_resume(cfg.train.resume, cfg.run.dir)
+    from ..checkpoint.manifest import CheckpointDamaged
+
+    try:  # verified against their manifests (cached for the trainer's own resolution)
+        found = checkpoint.resolve_resume(cfg.train.resume, cfg.run.dir)
+        if cfg.train.init_from and found is None:
+            checkpoint.resolve_resume(cfg.train.init_from, cfg.run.dir)
+    except CheckpointDamaged as err:
+        raise ConfigError(str(err)) from None
     if found is not None:
         resume.check(cfg, found[0] / found[1])  # train.resume_changes=refuse fails here
     return dims
@@ -264,12 +271,12 @@ class Trainer:
         self.engine.train()
         norm, reason = None, None
         skipped_before = self.engine.skipped_steps
-        fault = self.rank == 0 and self.step + 1 in _fault_steps("FOPE_FAULT_NONFINITE")
+        fault = _fault_factors("FOPE_FAULT_LOSS").get(self.step + 1) if self.rank == 0 else None
         for micro in range(self.gas):
             batch = next(it)
             loss, total, count = self._forward(self.engine, batch)
-            if fault:  # fault injection for tests: this rank's loss becomes NaN
-                loss, total = loss * float("nan"), total * float("nan")
+            if fault is not None:  # fault injection for tests: this rank's loss scaled (or NaN)
+                loss, total = loss * fault, total * fault
             loss_sum += total.item()
             tokens += count.item()
             if micro == self.gas - 1:
@@ -421,9 +428,11 @@ class Trainer:
             log.info("exit: %s", status)
 
 
-def _fault_steps(name: str) -> set[int]:
-    """Steps listed in the environment variable ``name`` (``"5,6"``): fault injection for tests."""
-    return {int(x) for x in os.environ.get(name, "").split(",") if x.strip()}
+def _fault_factors(name: str) -> dict[int, float]:
+    """``{step: factor}`` from the environment variable ``name`` (``"5:nan,7:10"``): fault
+    injection for tests (rank 0's loss of that step times the factor)."""
+    items = (x.split(":") for x in os.environ.get(name, "").split(",") if x.strip())
+    return {int(step): float(factor) for step, factor in items}
 
 
 def train(cfg: Config) -> int:
