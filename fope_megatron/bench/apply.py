@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..fope import FoPEConfig, FourierPositionEmbedding, apply_tables
+from .methods import METHODS, available_methods, build_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SWEEP_SEQS = (512, 2048, 8192)
@@ -192,6 +193,16 @@ def run_shape(
     q, k = make_qk(shape, dtype, device)
     fope, info = fope_step(shape, train_seq_len, device)
     steps = {"fope": fope, "rope": rope_step(shape, device)}
+    if "fope_fused" in available_methods(device):
+        steps["fope_fused"], _ = build_step(
+            "fope_fused",
+            shape.seq,
+            shape.heads,
+            shape.groups,
+            shape.head_dim,
+            train_seq_len,
+            device,
+        )
     row: dict = {**asdict(shape), **info, "dtype": str(dtype).removeprefix("torch.")}
     for name, step in steps.items():
         row[name] = saved_for_backward(step, q, k)
@@ -201,10 +212,16 @@ def run_shape(
         row[name]["median_ms"] = 1e3 * statistics.median(times)
         row[name]["times_ms"] = [1e3 * t for t in times]
     row["ratio"] = row["fope"]["median_ms"] / row["rope"]["median_ms"]
+    if "fope_fused" in row:
+        row["fused_ratio"] = row["fope_fused"]["median_ms"] / row["rope"]["median_ms"]
     # One float32 table [s, groups, d_r]; FoPE keeps two (C and S) shared by q and k.
     row["table_bytes"] = shape.seq * shape.groups * info["rotary_dim"] * 4
     row["saved_limit_bytes"] = row["rope"]["saved_bytes"] + 2 * row["table_bytes"]
     row["memory_check_ok"] = row["fope"]["saved_bytes"] <= row["saved_limit_bytes"]
+    if "fope_fused" in row:  # positions (int64) + frequencies + coefficients, nothing [s, heads]
+        coef = 2 * shape.groups * info["d_in"] * info["d_out"] * 4
+        row["fused_saved_limit_bytes"] = shape.seq * 8 + info["rotary_dim"] * 2 + coef
+        row["memory_check_ok"] &= row["fope_fused"]["saved_bytes"] <= row["fused_saved_limit_bytes"]
     return row
 
 
@@ -249,7 +266,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--sweep", action="store_true", help=f"s in {SWEEP_SEQS} x (MHA, G=4)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--suite",
+        action="store_true",
+        help="fused FoPE vs every RoPE available (issue-9 shapes: q [s,1,32,128], k [s,1,8,128],"
+        " s in 4096, 8192; forward and forward+backward; bandwidth vs copy)",
+    )
+    p.add_argument("--methods", help=f"--suite: comma list of {','.join(METHODS)}")
+    p.add_argument("--seqs", help="--suite: comma list of sequence lengths (default 4096,8192)")
     args = p.parse_args(argv)
+    if args.methods:
+        bad = [m for m in args.methods.split(",") if m not in METHODS]
+        if bad:
+            p.error(f"--methods {','.join(bad)} unknown; allowed: {','.join(METHODS)}")
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"--repeats {args.repeats} must be >= 1 and --warmup {args.warmup} >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -282,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.suite:
+        return run_suite_cli(args, device, dtype)
     meta = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -326,6 +357,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 for r in bad
             )
         )
+    return doc
+
+
+def run_suite_cli(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """``--suite``: run, print the markdown tables, write JSON (+ a .md beside it)."""
+    from .suite import SUITE_SEQS, format_suite, run_suite
+
+    seqs = [int(x) for x in args.seqs.split(",")] if args.seqs else list(SUITE_SEQS)
+    kw = {} if args.heads == 16 and args.groups == 16 else {"heads": args.heads}
+    if kw:
+        kw.update(groups=args.groups, head_dim=args.head_dim, batch=args.batch)
+    doc = run_suite(
+        device,
+        seqs,
+        args.methods.split(",") if args.methods else None,
+        dtype,
+        args.train_seq_len,
+        args.repeats,
+        args.warmup,
+        copy_bytes=2**30 if device.type == "cuda" else 2**24,
+        **kw,
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    doc["meta"] = {"torch": torch.__version__, "device": name, "argv": sys.argv[1:]}
+    text = f"# fused FoPE vs RoPE implementations on {name} (torch {torch.__version__})\n\n"
+    text += format_suite(doc)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        args.json.with_suffix(".md").write_text(text + "\n")
+        print(f"# wrote {args.json}")
     return doc
 
 

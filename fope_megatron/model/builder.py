@@ -11,6 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..fope import FoPEConfig
+from ..fope.fusion import resolve_fusion
 from .attention import PositionSettings
 from .recompute import megatron_recompute_kwargs
 from .spec import get_fope_block_spec, transformer_engine_usable
@@ -81,11 +82,18 @@ def fope_config(cfg, head_dim: int) -> FoPEConfig:
 
 
 def position_settings(cfg, frequencies: tuple[float, ...] | None = None) -> PositionSettings:
+def position_fusion(cfg) -> str:
+    """``position.fusion`` resolved for this machine and kind (``torch`` | ``triton`` | ``te``)."""
+    requested = getattr(getattr(cfg, "position", None), "fusion", "torch")
+    return resolve_fusion(requested, cfg.model.position_embedding)
+
+
     m = cfg.model
     head_dim = m.hidden_size // m.num_attention_heads
     kind = m.position_embedding
     return PositionSettings(
         kind=kind,
+        fusion=position_fusion(cfg),
         rotary_dim=int(head_dim * m.rotary_percent),
         rotary_base=float(m.rotary_base),
         interleaved=cfg.fope.interleaved,

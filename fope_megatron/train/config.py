@@ -119,8 +119,10 @@ class FoPESection:
 
 @dataclass
 class PositionConfig:
-    """Frequency scaling for length extension (x+YaRN, x+PI), applied before the FoPE floor."""
+    """How q/k are encoded (``fusion``) and frequency scaling for length extension (x+YaRN,
+    x+PI), applied before the FoPE floor."""
 
+    fusion: Literal["auto", "triton", "torch"] = "auto"  # q/k apply: auto = triton on CUDA
     scaling: Literal["none", "yarn", "pi"] = "none"  # frequency scaling applied before FoPE
     factor: float = 1.0  # scaling factor (> 1 when scaling is on)
     original_max_position_embeddings: Optional[int] = None  # None = fope.train_seq_len
@@ -217,11 +219,16 @@ class Config:
         """Plain nested dict (YAML/JSON-safe); ``Config.from_dict`` inverts it."""
         return dataclasses.asdict(self)
 
-    def save_yaml(self, path: str | Path) -> None:
-        """Write the config as YAML (the resolved config of a run goes to RUN_DIR/config.yaml)."""
+    def save_yaml(self, path: str | Path, header: str = "") -> None:
+        """Write the config as YAML (the resolved config of a run goes to RUN_DIR/config.yaml).
+
+        ``header``: comment lines put first (e.g. what ``auto`` settings resolved to).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False))
+        lines = "".join(f"# {line}\n" for line in header.splitlines())
+        body = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        path.write_text(lines + body)
 
     def resolve(self) -> Config:
         """Fill the fields whose ``None`` means "derive from another field", in place.
@@ -270,6 +277,7 @@ class Config:
         dims = self.parallel_dims(world_size)
         _check_sections(self)
         _check_layout(self, dims)
+        _check_fusion(self)
         return dims
 
 

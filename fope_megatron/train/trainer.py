@@ -120,9 +120,17 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         bf16 = compute_dtype(cfg) == torch.bfloat16
         self.ds_config = deepspeed_json(cfg, self.dp, bf16, self.dims.dp_shard)
+        from ..model.builder import position_fusion
+
+        self.fusion = position_fusion(cfg)
+        fusion_note = (
+            f"position.fusion: {cfg.position.fusion} -> {self.fusion} "
+            f"({cfg.model.position_embedding}, {'cuda' if torch.cuda.is_available() else 'cpu'})"
+        )
+        log.info("%s", fusion_note)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save_yaml(self.run_dir / "config.yaml")
+            cfg.save_yaml(self.run_dir / "config.yaml", header=f"resolved at start: {fusion_note}")
             (self.run_dir / "deepspeed_config.json").write_text(
                 json.dumps(self.ds_config, indent=2) + "\n"
             )

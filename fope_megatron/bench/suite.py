@@ -1,0 +1,186 @@
+"""Fused FoPE against every RoPE available, forward and forward+backward, with bandwidth.
+
+    python -m fope_megatron.bench.apply --suite --device cuda --json docs/results/gpu/bench.json
+
+Shapes (issue 9): bf16, q ``[s, b, 32, 128]``, k ``[s, b, 8, 128]``, s in {4096, 8192}. For each
+method: median forward time, median forward+backward time (the methods take turns within each
+repeat), saved-for-backward bytes, and achieved bandwidth = minimum bytes moved / time, where the
+minimum is reading q and k and writing q' and k' (forward; twice that with backward, which reads
+dq', dk' and writes dq, dk). The device's copy bandwidth (``dst.copy_(src)`` of 1 GiB, read +
+write) is measured in the same run, so the percentages are of what this device really does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .methods import Step, available_methods, build_step
+
+SUITE_SEQS = (4096, 8192)
+SUITE_SHAPE = {"batch": 1, "heads": 32, "groups": 8, "head_dim": 128}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 10) -> float:
+    """Bytes/s of ``dst.copy_(src)`` (read + write counted), median of ``repeats``."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def _forward(step: Step, q: Tensor, k: Tensor) -> None:
+    step(q, k)
+
+
+def _fwd_bwd(step: Step, q: Tensor, k: Tensor, gq: Tensor, gk: Tensor) -> None:
+    q.grad = k.grad = None
+    oq, ok = step(q, k)
+    torch.autograd.backward((oq, ok), (gq, gk))
+
+
+def time_methods(
+    steps: dict[str, Step], q: Tensor, k: Tensor, repeats: int, warmup: int
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per forward and per forward+backward, the methods taking turns each repeat."""
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd_bwd": []} for n in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            for kind in ("fwd", "fwd_bwd"):
+                _sync(q.device)
+                t0 = time.perf_counter()
+                if kind == "fwd":
+                    _forward(step, q, k)
+                else:
+                    _fwd_bwd(step, q, k, gq, gk)
+                _sync(q.device)
+                if i >= warmup:
+                    times[name][kind].append(time.perf_counter() - t0)
+    return times
+
+
+def saved_bytes(step: Step, q: Tensor, k: Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    q.grad = k.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        oq, ok = step(q, k)
+    (oq.float().sum() + ok.float().sum()).backward()
+    return sum(storages.values())
+
+
+def run_suite(
+    device: torch.device,
+    seqs: Sequence[int] = SUITE_SEQS,
+    methods: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    train_seq_len: int = 4096,
+    repeats: int = 20,
+    warmup: int = 3,
+    batch: int = SUITE_SHAPE["batch"],
+    heads: int = SUITE_SHAPE["heads"],
+    groups: int = SUITE_SHAPE["groups"],
+    head_dim: int = SUITE_SHAPE["head_dim"],
+    copy_bytes: int = 2**30,
+) -> dict:
+    """Time every method on every shape; returns the JSON-ready document."""
+    names = list(methods) if methods else available_methods(device)
+    bw = copy_bandwidth(device, copy_bytes)
+    rows = []
+    for seq in seqs:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(seq, batch, heads, head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(seq, batch, groups, head_dim, generator=gen).to(device, dtype)
+        q.requires_grad_()
+        k.requires_grad_()
+        steps, infos = {}, {}
+        for name in names:
+            steps[name], infos[name] = build_step(
+                name, seq, heads, groups, head_dim, train_seq_len, device
+            )
+        io_bytes = 2 * (q.numel() + k.numel()) * q.element_size()  # read q,k + write q',k'
+        row: dict = {
+            "seq": seq, "batch": batch, "heads": heads, "groups": groups, "head_dim": head_dim,
+            "dtype": str(dtype).removeprefix("torch."), "min_bytes_fwd": io_bytes,
+            "min_bytes_fwd_bwd": 2 * io_bytes, "fope": infos.get("fope_fused", {}),
+        }  # fmt: skip
+        saved = {name: saved_bytes(step, q, k) for name, step in steps.items()}
+        timing = time_methods(steps, q, k, repeats, warmup)
+        for name in names:
+            fwd = statistics.median(timing[name]["fwd"])
+            both = statistics.median(timing[name]["fwd_bwd"])
+            row[name] = {
+                "fwd_ms": 1e3 * fwd,
+                "fwd_bwd_ms": 1e3 * both,
+                "fwd_GBps": io_bytes / fwd / 1e9,
+                "fwd_bwd_GBps": 2 * io_bytes / both / 1e9,
+                "fwd_bwd_pct_of_copy": 100 * (2 * io_bytes / both) / bw,
+                "saved_bytes": saved[name],
+            }
+        rope_fused = [
+            n for n in ("rope_te", "rope_liger", "rope_compile", "rope_fused") if n in row
+        ]
+        if rope_fused and "fope_fused" in row:
+            best = min(rope_fused, key=lambda n: row[n]["fwd_bwd_ms"])
+            row["best_fused_rope"] = best
+            row["fope_fused_over_best_rope"] = (
+                row["fope_fused"]["fwd_bwd_ms"] / row[best]["fwd_bwd_ms"]
+            )
+        if "fope_torch" in row and "fope_fused" in row:
+            row["fope_torch_over_fused"] = (
+                row["fope_torch"]["fwd_bwd_ms"] / row["fope_fused"]["fwd_bwd_ms"]
+            )
+        rows.append(row)
+        del q, k, steps
+    return {"copy_GBps": bw / 1e9, "methods": names, "results": rows}
+
+
+def format_suite(doc: dict) -> str:
+    """A markdown table per shape."""
+    out = [f"device copy bandwidth (read+write): {doc['copy_GBps']:.0f} GB/s", ""]
+    for r in doc["results"]:
+        out.append(
+            f"### s={r['seq']} b={r['batch']} q heads={r['heads']} k heads={r['groups']} "
+            f"d={r['head_dim']} {r['dtype']}"
+        )
+        out.append("")
+        out.append("| method | fwd ms | fwd+bwd ms | fwd+bwd GB/s | % of copy | saved MiB |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for name in doc["methods"]:
+            m = r[name]
+            out.append(
+                f"| {name} | {m['fwd_ms']:.3f} | {m['fwd_bwd_ms']:.3f} | {m['fwd_bwd_GBps']:.0f} "
+                f"| {m['fwd_bwd_pct_of_copy']:.0f}% | {m['saved_bytes'] / 2**20:.2f} |"
+            )
+        if "best_fused_rope" in r:
+            out.append("")
+            out.append(
+                f"fope_fused / best fused RoPE ({r['best_fused_rope']}): "
+                f"{r['fope_fused_over_best_rope']:.2f}x (fwd+bwd)"
+            )
+        if "fope_torch_over_fused" in r:
+            out.append(f"fope_torch / fope_fused: {r['fope_torch_over_fused']:.2f}x (fwd+bwd)")
+        out.append("")
+    return "\n".join(out)
