@@ -57,6 +57,7 @@ fope_setup() {
 	MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
 	TRAIN_MODULE=${TRAIN_MODULE:-fope_megatron.train}
 	MAX_REQUEUES=${MAX_REQUEUES:-50}
+	FAILURE_REQUEUES=${FAILURE_REQUEUES:-3}
 	read -r -a FOPE_SRUN_EXTRA <<<"${SRUN_EXTRA_ARGS:-}"
 	export FOPE_ROOT PYTHON CONFIG FOPE_CPU GPUS_PER_NODE RUN_DIR MASTER_ADDR MASTER_PORT TRAIN_MODULE
 	fope_nccl_env
@@ -160,7 +161,9 @@ FOPE_STEP_WRAPPER='trap "" USR1; exec "$@"'
 # Run the srun command line "$@" and wait for it; requeue the job if the trainer stopped to save.
 # Returns the step's exit status (0 after a successful requeue).
 fope_run_step() {
-	local rc=0
+	local rc=0 latest_before started
+	latest_before=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || true)
+	started=$(date +%s)
 	"$@" &
 	FOPE_STEP_PID=$!
 	# A signal that came while the job was still starting up.
@@ -188,5 +191,36 @@ fope_run_step() {
 		scontrol requeue "$SLURM_JOB_ID" || return "$rc"
 		return 0
 	fi
+	if ((rc != 0)) && fope_failure_requeue "$latest_before" "$started"; then
+		scontrol requeue "$SLURM_JOB_ID" || return "$rc"
+		return 0
+	fi
 	return "$rc"
+}
+
+# After a failed step without our signal (a rank or node died, a collective timed out): requeue
+# only when this attempt completed a newer checkpoint, so the requeued job resumes past where this
+# one started; never after the trainer stopped a diverged run (exit_status.json "nonfinite"),
+# never for failures that would repeat from the same checkpoint (config errors, crashes before
+# the first save), at most FAILURE_REQUEUES times per job (0 turns it off).
+fope_failure_requeue() {
+	local before=$1 started=$2 now count_file="$RUN_DIR/slurm/failure_requeues" count=0
+	now=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || true)
+	[[ -f $count_file ]] && count=$(<"$count_file")
+	local status="$RUN_DIR/exit_status.json"
+	if [[ -f $status ]] && (($(stat -c %Y "$status") >= started)) && grep -q '"nonfinite"' "$status"; then
+		fope_log "no requeue: the trainer stopped a diverged run (see $status)"
+		return 1
+	fi
+	if [[ -z $now || $now == "$before" ]]; then
+		fope_log "no requeue after the failed step: no new checkpoint since this attempt began"
+		return 1
+	fi
+	if ((count >= FAILURE_REQUEUES)); then
+		fope_log "no requeue: ${count} failure requeues reached FAILURE_REQUEUES=${FAILURE_REQUEUES}"
+		return 1
+	fi
+	echo $((count + 1)) >"$count_file"
+	fope_log "step failed after checkpoint ${now}: requeueing job ${SLURM_JOB_ID} ($((count + 1))/${FAILURE_REQUEUES}); it resumes there"
+	return 0
 }
