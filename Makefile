@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
 	  cp constraints.txt $(VENV)/constraints.txt; \
 	fi
-	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[test,lm-eval]'
 	@touch $(STAMP)
 
 test: install

@@ -61,7 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     if final > 0.6 * entropy:
         print("smoke FAILED: the loss did not fall far below the unigram entropy")
         return 1
-    return eval_code
+    return eval_code or hand_off(run_dir)
+
+
+def hand_off(run_dir: Path, prompt: str = "The grass is") -> int:
+    """Export to ``RUN_DIR/hf`` and continue ``prompt`` greedily with transformers alone."""
+    from .checkpoint.hf.export import main as export_main
+
+    code = export_main(["--run", str(run_dir), "--out", str(run_dir / "hf"), "--force"])
+    if code != 0:
+        return code
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf", trust_remote_code=True)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    print(f"transformers greedy from {run_dir / 'hf'}: {prompt!r} -> {text!r}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ def evaluate_run(args) -> dict:
     tokens = heldout_tokens(cfg, tokenizer, n_tokens, args.data)
     model, cfg, path = load_model(args.run, args.checkpoint)
     fn = logits_fn(model)
+    greedy = None
+    if args.passkey_trials > 0 and not args.passkey_full_recompute:
+        # passkey generation through the transformers export's KV cache (same greedy tokens)
+        from ..checkpoint.hf.export import transformers_model
+        from .loader import cached_greedy_fn
+
+        device = next(model.parameters()).device
+        greedy = cached_greedy_fn(transformers_model(cfg, model.state_dict()).to(device))
     ppl = evaluate_perplexity(
         fn, tokens, lengths, n_tokens=min(n_tokens, len(tokens)), stride=args.stride,
         max_batch_size=args.batch_size, progress=not args.no_progress,
@@ -39,7 +47,7 @@ def evaluate_run(args) -> dict:
     if args.passkey_trials > 0:
         passkey = evaluate_passkey(
             fn, tokenizer, lengths, n_trials=args.passkey_trials, seed=args.seed,
-            max_batch_size=args.batch_size, progress=not args.no_progress,
+            max_batch_size=args.batch_size, progress=not args.no_progress, greedy_fn=greedy,
         )  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     return write_report(
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="chunks of the longest length; every length reads the same tokens")  # fmt: skip
     p.add_argument("--stride", type=int, default=None, help="sliding-window mode with this stride")
     p.add_argument("--passkey-trials", type=int, default=20, help="trials per length (0: skip)")
+    p.add_argument("--passkey-full-recompute", action="store_true",
+                   help="generate the passkey with one full forward per token (default: KV cache)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None)

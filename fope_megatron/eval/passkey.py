@@ -14,15 +14,17 @@ level (the cut falls at the start of each filler piece) to hit the length exactl
 right before the question). Trials are spread round-robin over ``n_buckets`` equal depth
 buckets and get a uniformly random depth inside their bucket, so buckets stay balanced.
 
-Scoring per trial: exact greedy generation of the key's tokens (``len(key tokens)`` steps, full
-recompute with ``logits_fn``, all must match) and the mean log-prob of the key's tokens under
-teacher forcing.
+Scoring per trial: exact greedy generation of the key's tokens (``len(key tokens)`` steps, all
+must match) and the mean log-prob of the key's tokens under teacher forcing. Generation goes
+through ``greedy_fn`` when given (``fope-eval`` passes the transformers export's KV-cache
+generation: one prompt forward, then one token per step) or else recomputes the whole sequence
+with ``logits_fn`` for every generated token.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,9 @@ from tqdm.auto import tqdm
 
 from fope_megatron.data.tokenizer import Tokenizer
 from fope_megatron.eval.perplexity import LogitsFn
+
+GreedyFn = Callable[[torch.Tensor, int], torch.Tensor]
+"""``(prompts LongTensor[b, L], steps) -> LongTensor[b, steps]``: greedy continuation."""
 
 FILLER = (
     " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -176,12 +181,19 @@ def _key_logprob(
 
 
 def score_samples(
-    logits_fn: LogitsFn, samples: Sequence[PasskeySample], device: torch.device | str | None = None
+    logits_fn: LogitsFn,
+    samples: Sequence[PasskeySample],
+    device: torch.device | str | None = None,
+    greedy_fn: GreedyFn | None = None,
 ) -> tuple[list[bool], list[float]]:
     """Exact-greedy correctness and mean key log-prob for same-length samples (one batch)."""
     prompts = torch.tensor([s.tokens for s in samples], dtype=torch.long, device=device)
     answers = [s.answer for s in samples]
-    gen = _greedy(logits_fn, prompts, max(len(a) for a in answers)).cpu()
+    steps = max(len(a) for a in answers)
+    if greedy_fn is None:
+        gen = _greedy(logits_fn, prompts, steps).cpu()
+    else:
+        gen = greedy_fn(prompts, steps).cpu()
     correct = [gen[i, : len(a)].tolist() == a for i, a in enumerate(answers)]
     return correct, _key_logprob(logits_fn, prompts, answers)
 
@@ -197,6 +209,7 @@ def evaluate_passkey(
     max_batch_size: int = 4,
     device: torch.device | str | None = None,
     progress: bool = True,
+    greedy_fn: GreedyFn | None = None,
 ) -> dict[str, dict]:
     """Passkey accuracy, accuracy per depth bucket and mean key log-prob at each length.
 
@@ -210,6 +223,8 @@ def evaluate_passkey(
         max_batch_size: prompts per forward call.
         device: where prompts are moved before calling ``logits_fn``.
         progress: show a tqdm bar over the batches.
+        greedy_fn: cached greedy generation (e.g. :func:`fope_megatron.eval.loader.
+            cached_greedy_fn`); None recomputes the whole sequence per generated token.
 
     Returns:
         ``{"passkey": {L: acc}, "passkey_by_depth": {L: {bucket_label: acc or None}},
@@ -230,7 +245,8 @@ def evaluate_passkey(
             correct: list[bool] = []
             logprob: list[float] = []
             for i in range(0, len(samples), max_batch_size):
-                c, lp = score_samples(logits_fn, samples[i : i + max_batch_size], device)
+                batch = samples[i : i + max_batch_size]
+                c, lp = score_samples(logits_fn, batch, device, greedy_fn)
                 correct += c
                 logprob += lp
                 bar.set_postfix(length=L)

@@ -56,6 +56,7 @@ def transformer_config(cfg) -> TransformerConfig:
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        softmax_scale=softmax_scale(cfg),  # YaRN concentration (None: 1/sqrt(d))
         **megatron_recompute_kwargs(cfg),  # train.recompute: megatron's own activation recompute
     )
 
@@ -81,19 +82,19 @@ def fope_config(cfg, head_dim: int) -> FoPEConfig:
     )
 
 
-def position_settings(cfg, frequencies: tuple[float, ...] | None = None) -> PositionSettings:
 def position_fusion(cfg) -> str:
     """``position.fusion`` resolved for this machine and kind (``torch`` | ``triton`` | ``te``)."""
     requested = getattr(getattr(cfg, "position", None), "fusion", "torch")
     return resolve_fusion(requested, cfg.model.position_embedding)
 
 
+def position_settings(cfg, frequencies: tuple[float, ...] | None = None) -> PositionSettings:
     m = cfg.model
     head_dim = m.hidden_size // m.num_attention_heads
     kind = m.position_embedding
     return PositionSettings(
-        kind=kind,
         fusion=position_fusion(cfg),
+        kind=kind,
         rotary_dim=int(head_dim * m.rotary_percent),
         rotary_base=float(m.rotary_base),
         interleaved=cfg.fope.interleaved,
@@ -159,7 +160,8 @@ def build_gpt(
         apply_megatron_cpu_compat()  # megatron's SP path and recompute RNG on CPU (no-op on GPU)
     spec = get_fope_block_spec(
         tconf,
-        position_settings(cfg, frequencies),
+        # position.scaling (YaRN / PI) scales the base frequencies before the FoPE floor
+        position_settings(cfg, position_frequencies(cfg) if frequencies is None else frequencies),
         normalization=cfg.model.normalization,
         use_transformer_engine=use_transformer_engine,
         cp=cfg.parallel.cp,
