@@ -3,11 +3,11 @@
 # and short bf16 trainings of a 1B-class Llama (fope-fused, fope-torch, rope-fused) side by side.
 #
 #   scripts/gpu_check.sh [--wheelhouse DIR] [--out DIR] [--steps N] [--layers N] [--seq N]
-#                        [--only install,tests,bench,train] [--dry-run]
+#                        [--micro-batch N] [--only install,tests,bench,train] [--dry-run]
 #
 # Made for a node WITHOUT network whose Python already has a CUDA torch, triton and transformers:
-# it makes .venv-gpu with --system-site-packages (the node's torch is kept, never replaced),
-# installs the wheelhouse built by scripts/build_wheelhouse.sh with --no-index --no-deps, then
+# it makes .venv-gpu that also sees that Python's packages (the node's torch is kept, never
+# replaced), installs the wheelhouse built by scripts/build_wheelhouse.sh with --no-index --no-deps, then
 # this project (editable, no dependency resolution). Results go to OUT (default
 # docs/results/gpu): pytest.log, bench.json/.md, train_<name>/metrics.jsonl, gpu_check.json/.md.
 # --dry-run does every step that needs no GPU (arguments, wheelhouse, offline install, imports)
@@ -23,6 +23,7 @@ seq=4096
 micro=4
 only=install,tests,bench,train
 dry=0
+allow_cpu=0  # tests only: run the pipeline without CUDA (tiny shapes via GPU_CHECK_TRAIN_EXTRA)
 py=${PYTHON:-python3}
 venv=${GPU_VENV:-.venv-gpu}
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -38,6 +39,7 @@ while [ $# -gt 0 ]; do
     --micro-batch) need "$@"; posint "$1" "$2"; micro=$2; shift 2 ;;
     --only) need "$@"; only=$2; shift 2 ;;
     --dry-run) dry=1; shift ;;
+    --allow-cpu) allow_cpu=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -48,21 +50,33 @@ for part in ${only//,/ }; do
   esac
 done
 has() { [[ ",$only," == *",$1,"* ]]; }
-[ -d "$wheelhouse" ] && ls "$wheelhouse"/megatron_core-*.whl >/dev/null 2>&1 || {
+if ! ls "$wheelhouse"/megatron_core-*.whl >/dev/null 2>&1; then
   echo "error: wheelhouse '$wheelhouse' has no megatron_core wheel; build it with" \
-       "scripts/build_wheelhouse.sh $wheelhouse (on a machine with network)" >&2; exit 2; }
+       "scripts/build_wheelhouse.sh $wheelhouse (on a machine with network)" >&2
+  exit 2
+fi
 mkdir -p "$out"
 t0=$(date +%s)
 say() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
 
 # ---------------------------------------------------------------- install (offline)
 if has install || [ ! -x "$venv/bin/python" ]; then
-  say "venv $venv from $py (system site-packages kept: the node's CUDA torch)"
-  [ -x "$venv/bin/python" ] || "$py" -m venv --system-site-packages "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-index --no-deps \
+  say "venv $venv on top of $py (it sees $py's packages: the node's CUDA torch is kept)"
+  if [ ! -x "$venv/bin/python" ]; then
+    "$py" -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; "$py" -m venv --without-pip "$venv"; }
+    # Everything $py sees (system or venv site-packages) stays visible, after the venv's own
+    # packages, so the wheelhouse's megatron-core/deepspeed win and torch comes from the node.
+    site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    "$py" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
+      > "$site/_gpu_node_site.pth"
+  fi
+  pip_in() {
+    if "$venv/bin/python" -m pip --version >/dev/null 2>&1; then "$venv/bin/python" -m pip "$@"
+    else "$py" -m pip --python "$venv/bin/python" "$@"; fi
+  }
+  pip_in install -q --disable-pip-version-check --no-index --no-deps --ignore-installed \
     "$wheelhouse"/*.whl
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-index --no-deps \
-    --no-build-isolation -e .
+  pip_in install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation -e .
 fi
 P="$venv/bin/python"
 "$P" - <<'PY' | tee "$out/versions.txt"
@@ -74,7 +88,7 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| cuda
 for m in ("triton", "megatron.core", "deepspeed", "transformers", "liger_kernel"):
     try:
         mod = importlib.import_module(m)
-        print(m, getattr(mod, "__version__", "?"))
+        print(m, getattr(mod, "__version__", "?"), "from", mod.__file__.rsplit("/", 2)[0])
     except Exception as e:  # report, the steps below say what they need
         print(m, "NOT IMPORTABLE:", type(e).__name__, e)
 import fope_megatron.model.builder, fope_megatron.train.trainer  # noqa: E401,F401  (imports work)
@@ -84,40 +98,46 @@ if [ "$dry" = 1 ]; then
   say "dry run: install and imports done; stopping before the CUDA steps"
   exit 0
 fi
-"$P" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
-  echo "error: torch.cuda.is_available() is False on this node" >&2; exit 3; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/nvidia_smi.txt" || true
+if [ "$allow_cpu" = 0 ]; then
+  "$P" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
+    echo "error: torch.cuda.is_available() is False on this node" >&2; exit 3; }
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/nvidia_smi.txt" 2>/dev/null || true
 
 # ---------------------------------------------------------------- tests on CUDA
 status=0
 if has tests; then
   say "pytest: kernel tests on CUDA + gpu-marked tests"
-  "$P" -m pytest -q -p no:cacheprovider tests/test_triton_apply.py tests/test_fused_model.py \
-    tests/test_parallel_gpu.py 2>&1 | tee "$out/pytest.log" | tail -25 || true
-  grep -qE "(^| )[0-9]+ failed|error" "$out/pytest.log" && status=1
+  rc=0
+  FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$P" -m pytest -q -p no:cacheprovider -m "not slurm" \
+    tests/test_triton_apply.py tests/test_fused_model.py tests/test_parallel_gpu.py \
+    > "$out/pytest.log" 2>&1 || rc=$?
+  tail -25 "$out/pytest.log"
+  [ "$rc" = 0 ] || { echo "pytest exited $rc"; status=1; }
 fi
 
 # ---------------------------------------------------------------- benchmark
 if has bench; then
   say "benchmark suite (bf16, q [s,1,32,128], k [s,1,8,128], s 4096/8192)"
-  "$P" -m fope_megatron.bench.apply --suite --device cuda --dtype bf16 --repeats 30 --warmup 5 \
+  timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" "$P" -m fope_megatron.bench.apply --suite --device cuda --dtype bf16 --repeats 30 --warmup 5 \
     --json "$out/bench.json" || status=1
 fi
 
 # ---------------------------------------------------------------- trainings
 if has train; then
   runs=${GPU_RUN_ROOT:-/dev/shm/fope_gpu_check}
+  read -r -a extra <<< "${GPU_CHECK_TRAIN_EXTRA:-}"  # tests: tiny shapes on CPU
   for name in fope_fused fope_torch rope_fused; do
     kind=${name%%_*}; fusion=${name#*_}; [ "$fusion" = fused ] && fusion=triton
     say "train $name: llama_1b_$kind, $layers layers, seq $seq, micro $micro, $steps steps, bf16"
     rm -rf "${runs:?}/$name"
-    "$P" -m fope_megatron.train --config "configs/llama_1b_$kind.yaml" \
+    timeout "${GPU_CHECK_TRAIN_TIMEOUT:-240}" "$P" -m fope_megatron.train --config "configs/llama_1b_$kind.yaml" \
       run.dir="$runs/$name" run.tensorboard=false run.log_interval=5 \
       model.num_layers="$layers" train.seq_length="$seq" train.micro_batch_size="$micro" \
       train.global_batch_size="$micro" train.steps="$steps" train.warmup_steps=5 \
       train.eval_interval=0 train.eval_lengths=[] train.save_interval=100000 train.keep_last=1 \
-      train.precision=bf16 data.synthetic=true data.tokenizer=byte data.num_workers=1 \
-      position.fusion="$fusion" > "$out/train_$name.log" 2>&1 || { status=1; tail -30 "$out/train_$name.log"; }
+      train.precision=bf16 data.path=[] data.synthetic=true data.tokenizer=byte data.num_workers=1 \
+      position.fusion="$fusion" "${extra[@]}" > "$out/train_$name.log" 2>&1 || { status=1; tail -30 "$out/train_$name.log"; }
     mkdir -p "$out/train_$name"
     cp "$runs/$name/metrics.jsonl" "$runs/$name/config.yaml" "$out/train_$name/" 2>/dev/null || true
     rm -rf "${runs:?}/$name"

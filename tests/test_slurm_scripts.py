@@ -21,6 +21,7 @@ from fope_megatron.testing.distributed import free_port
 REPO = Path(__file__).resolve().parents[1]
 SHELL_SCRIPTS = sorted(
     [*REPO.glob("slurm/*.sbatch"), REPO / "slurm/lib.sh", *REPO.glob("launch/*.sh")]
+    + [*REPO.glob("scripts/*.sh")]
     + [REPO / ".ci/run", REPO / ".ci/install_system_deps.sh"]
 )
 LAUNCHERS = ["launch/torchrun.sh", "launch/deepspeed.sh"]

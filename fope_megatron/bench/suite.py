@@ -115,11 +115,17 @@ def run_suite(
         k = torch.randn(seq, batch, groups, head_dim, generator=gen).to(device, dtype)
         q.requires_grad_()
         k.requires_grad_()
-        steps, infos = {}, {}
+        steps, infos, errors = {}, {}, {}
         for name in names:
-            steps[name], infos[name] = build_step(
-                name, seq, heads, groups, head_dim, train_seq_len, device
-            )
+            try:  # a method that cannot build or run here is reported, not fatal
+                steps[name], infos[name] = build_step(
+                    name, seq, heads, groups, head_dim, train_seq_len, device
+                )
+                _fwd_bwd(steps[name], q, k, torch.ones_like(q), torch.ones_like(k))
+            except Exception as err:  # noqa: BLE001
+                steps.pop(name, None)
+                errors[name] = f"{type(err).__name__}: {str(err)[:300]}"
+                print(f"# {name} skipped at s={seq}: {errors[name]}")
         io_bytes = 2 * (q.numel() + k.numel()) * q.element_size()  # read q,k + write q',k'
         row: dict = {
             "seq": seq, "batch": batch, "heads": heads, "groups": groups, "head_dim": head_dim,
@@ -128,7 +134,9 @@ def run_suite(
         }  # fmt: skip
         saved = {name: saved_bytes(step, q, k) for name, step in steps.items()}
         timing = time_methods(steps, q, k, repeats, warmup)
-        for name in names:
+        for name, err in errors.items():
+            row[name] = {"error": err}
+        for name in steps:
             fwd = statistics.median(timing[name]["fwd"])
             both = statistics.median(timing[name]["fwd_bwd"])
             row[name] = {
@@ -148,7 +156,7 @@ def run_suite(
             row["fope_fused_over_best_rope"] = (
                 row["fope_fused"]["fwd_bwd_ms"] / row[best]["fwd_bwd_ms"]
             )
-        if "fope_torch" in row and "fope_fused" in row:
+        if "fope_torch" in steps and "fope_fused" in steps:
             row["fope_torch_over_fused"] = (
                 row["fope_torch"]["fwd_bwd_ms"] / row["fope_fused"]["fwd_bwd_ms"]
             )
@@ -170,6 +178,9 @@ def format_suite(doc: dict) -> str:
         out.append("|---|---:|---:|---:|---:|---:|")
         for name in doc["methods"]:
             m = r[name]
+            if "error" in m:
+                out.append(f"| {name} | not run: {m['error'][:80]} ||||| ")
+                continue
             out.append(
                 f"| {name} | {m['fwd_ms']:.3f} | {m['fwd_bwd_ms']:.3f} | {m['fwd_bwd_GBps']:.0f} "
                 f"| {m['fwd_bwd_pct_of_copy']:.0f}% | {m['saved_bytes'] / 2**20:.2f} |"
