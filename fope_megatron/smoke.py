@@ -73,7 +73,7 @@ def hand_off(run_dir: Path, prompt: str = "The grass is") -> int:
         return code
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(run_dir / "hf")
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf", trust_remote_code=True)  # no prompt
     model = AutoModelForCausalLM.from_pretrained(run_dir / "hf", trust_remote_code=True)
     ids = tok(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=48, do_sample=False)
