@@ -1,4 +1,5 @@
-"""A catalogue of bad inputs across fope-train, fope-preprocess, fope-eval and fope-plan.
+"""A catalogue of bad inputs across fope-train, fope-preprocess, fope-eval, fope-plan and
+fope-export.
 
 Each row is a real command line (the CLI's own ``main``, in this process) on real files: configs,
 ``.bin/.idx`` datasets, JSONL, checkpoints. Each must exit 2 (argparse's code too) with a message
@@ -71,8 +72,9 @@ def files(tmp_path_factory, corpus):
                 norun=str(norun), damaged=str(damaged))  # fmt: skip
 
 
-T, P, E, L = "fope-train", "fope-preprocess", "fope-eval", "fope-plan"
+T, P, E, L, X = "fope-train", "fope-preprocess", "fope-eval", "fope-plan", "fope-export"
 # (id, cli, arguments, text the message must hold); {name} is a path from `files`
+# fmt: off
 CASES = [
     ("unknown-key", T, ["train.stpes=3"], "train.stpes"),
     ("wrong-type", T, ["train.steps=abc"], "train.steps='abc'"),
@@ -99,105 +101,33 @@ CASES = [
     ("dist-timeout", T, ["dist.timeout_minutes=0"], "dist.timeout_minutes=0"),
     ("ds-config-missing", T, ["deepspeed.config={d}/nope.json"], "{d}/nope.json"),
     ("ds-config-not-json", T, ["deepspeed.config={d}/bad_ds.json"], "{d}/bad_ds.json"),
-    (
-        "tokenizer-missing",
-        T,
-        ["data.path=[]", "data.synthetic=true", "data.tokenizer={d}/tok"],
-        "{d}/tok",
-    ),  # fmt: skip
-    (
-        "resume-changed-lr-refused",
-        T,
-        ["train.resume={run}", "train.lr=5e-4", "train.resume_changes=refuse"],
-        "train.lr",
-    ),  # fmt: skip
+    ("tokenizer-missing", T, ["data.path=[]", "data.synthetic=true", "data.tokenizer={d}/tok"], "{d}/tok"),
+    ("resume-changed-lr-refused", T, ["train.resume={run}", "train.lr=5e-4", "train.resume_changes=refuse"], "train.lr"),
     ("resume-all-damaged", T, ["train.resume={damaged}"], "model_full.pt"),
-    (
-        "pre-input-missing",
-        P,
-        ["--input", "{d}/nope.jsonl", "--output-prefix", "{d}/o"],
-        "{d}/nope.jsonl",
-    ),  # fmt: skip
-    (
-        "pre-malformed-line",
-        P,
-        ["--input", "{d}/bad.jsonl", "--output-prefix", "{d}/o"],
-        "{d}/bad.jsonl:3",
-    ),  # fmt: skip
+    ("pre-input-missing", P, ["--input", "{d}/nope.jsonl", "--output-prefix", "{d}/o"], "{d}/nope.jsonl"),
+    ("pre-malformed-line", P, ["--input", "{d}/bad.jsonl", "--output-prefix", "{d}/o"], "{d}/bad.jsonl:3"),
     ("pre-format", P, ["--input", "{d}/data.csv", "--output-prefix", "{d}/o"], "{d}/data.csv"),
-    (
-        "pre-json-key",
-        P,
-        ["--input", "{d}/ok.jsonl", "--output-prefix", "{d}/o", "--json-key", "content"],
-        "'content'",
-    ),  # fmt: skip
-    (
-        "pre-workers",
-        P,
-        ["--input", "{d}/ok.jsonl", "--output-prefix", "{d}/o", "--workers", "0"],
-        "--workers",
-    ),  # fmt: skip
-    (
-        "pre-tokenizer",
-        P,
-        ["--input", "{d}/ok.jsonl", "--output-prefix", "{d}/o", "--tokenizer", "{d}/tok"],
-        "{d}/tok",
-    ),  # fmt: skip
+    ("pre-json-key", P, ["--input", "{d}/ok.jsonl", "--output-prefix", "{d}/o", "--json-key", "content"], "'content'"),
+    ("pre-workers", P, ["--input", "{d}/ok.jsonl", "--output-prefix", "{d}/o", "--workers", "0"], "--workers"),
+    ("pre-tokenizer", P, ["--input", "{d}/ok.jsonl", "--output-prefix", "{d}/o", "--tokenizer", "{d}/tok"], "{d}/tok"),
     ("pre-empty", P, ["--input", "{d}/empty.jsonl", "--output-prefix", "{d}/o"], "{d}/empty.jsonl"),
     ("pre-no-output", P, ["--input", "{d}/ok.jsonl"], "--output-prefix"),
     ("eval-run-missing", E, ["--run", "{d}/norun-at-all", "--out", "{d}/e"], "{d}/norun-at-all"),
     ("eval-no-checkpoint", E, ["--run", "{norun}", "--out", "{d}/e"], "{norun}/checkpoints"),
-    (
-        "eval-data-missing",
-        E,
-        ["--run", "{run}", "--out", "{d}/e", "--data", "{d}/nodata"],
-        "{d}/nodata",
-    ),  # fmt: skip
-    (
-        "eval-data-truncated",
-        E,
-        ["--run", "{run}", "--out", "{d}/e", "--data", "{trunc}"],
-        "{trunc}.bin",
-    ),  # fmt: skip
-    (
-        "eval-data-malformed",
-        E,
-        ["--run", "{run}", "--out", "{d}/e", "--data", "{d}/bad.jsonl"],
-        "{d}/bad.jsonl:3",
-    ),  # fmt: skip
-    (
-        "eval-data-vocab",
-        E,
-        ["--run", "{run}", "--out", "{d}/e", "--data", "{bigvocab}"],
-        "{bigvocab}.meta.json",
-    ),  # fmt: skip
+    ("eval-data-missing", E, ["--run", "{run}", "--out", "{d}/e", "--data", "{d}/nodata"], "{d}/nodata"),
+    ("eval-data-truncated", E, ["--run", "{run}", "--out", "{d}/e", "--data", "{trunc}"], "{trunc}.bin"),
+    ("eval-data-malformed", E, ["--run", "{run}", "--out", "{d}/e", "--data", "{d}/bad.jsonl"], "{d}/bad.jsonl:3"),
+    ("eval-data-vocab", E, ["--run", "{run}", "--out", "{d}/e", "--data", "{bigvocab}"], "{bigvocab}.meta.json"),
     ("eval-lengths", E, ["--run", "{run}", "--out", "{d}/e", "--lengths", "12x"], "12x"),
-    (
-        "eval-checkpoint-missing",
-        E,
-        ["--run", "{run}", "--out", "{d}/e", "--checkpoint", "step_7"],
-        "step_7",
-    ),  # fmt: skip
+    ("eval-checkpoint-missing", E, ["--run", "{run}", "--out", "{d}/e", "--checkpoint", "step_7"], "step_7"),
     ("eval-checkpoint-damaged", E, ["--run", "{damaged}", "--out", "{d}/e"], "model_full.pt"),
-    (
-        "plan-config-missing",
-        L,
-        [
-            "--config",
-            "{d}/nope.yaml",
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "8",
-            "--gpu-memory-gb",
-            "80",
-        ],
-        "{d}/nope.yaml",
-    ),  # fmt: skip
+    ("export-checkpoint-damaged", X, ["--run", "{damaged}", "--out", "{d}/hf"], "model_full.pt"),
+    ("plan-config-missing", L, ["--config", "{d}/nope.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80"], "{d}/nope.yaml"),
     ("plan-nodes", L, ["--config", "configs/fope_60m.yaml", "--nodes", "0"], "--nodes"),
     ("plan-unknown-key", L, ["--config", "configs/fope_60m.yaml", "train.stpes=3"], "train.stpes"),
     ("plan-no-config", L, ["--nodes", "1"], "--config"),
 ]
+# fmt: on
 
 
 def _main(cli: str):
@@ -207,6 +137,8 @@ def _main(cli: str):
         from fope_megatron.data.preprocess import main
     elif cli == E:
         from fope_megatron.eval.__main__ import main
+    elif cli == X:
+        from fope_megatron.checkpoint.hf.export import main
     else:
         from fope_megatron.plan import main
     return main
@@ -242,4 +174,4 @@ def test_bad_input_exits_2_naming_it(case, files, capsys, monkeypatch, tmp_path)
 
 def test_catalogue_size():
     """The closing figure of issue 12: at least 25 bad inputs, every CLI covered."""
-    assert len(CASES) >= 25 and {c[1] for c in CASES} == {T, P, E, L}
+    assert len(CASES) >= 25 and {c[1] for c in CASES} == {T, P, E, L, X}
