@@ -460,6 +460,10 @@ def _check_sections(c: Config) -> None:
     _bounds(c, "train.keep_last train.eval_interval train.warmup_steps train.exit_at_step", 0)
     _bounds(c, "train.weight_decay train.clip_grad train.min_lr data.num_workers", 0)
     _bounds(c, "fope.sigma fope.floor_ratio", 0)
+    _bounds(c, "train.max_consecutive_skips train.loss_spike_window", 1)
+    _bounds(c, "dist.timeout_minutes", 0, strict=True)
+    if not (c.train.loss_spike == 0 or c.train.loss_spike > 1):
+        _fail("train.loss_spike", c.train.loss_spike, "must be 0 (off) or > 1 (k x median)")
     _bounds(c, "train.lr train.adam_eps model.init_method_std", 0, strict=True)
     _bounds(c, "model.rotary_base", 1, strict=True)
     _bounds(c, "train.adam_beta1 train.adam_beta2 model.attention_dropout", 0, 1)
