@@ -3,7 +3,8 @@
 # and short bf16 trainings of a 1B-class Llama (fope-fused, fope-torch, rope-fused) side by side.
 #
 #   scripts/gpu_check.sh [--wheelhouse DIR] [--out DIR] [--steps N] [--layers N] [--seq N]
-#                        [--micro-batch N] [--only install,tests,bench,train] [--dry-run]
+#                        [--micro-batch N] [--data PREFIX] [--only install,tests,bench,train]
+#                        [--dry-run]
 #
 # Made for a node WITHOUT network whose Python already has a CUDA torch, triton and transformers:
 # it makes .venv-gpu that also sees that Python's packages (the node's torch is kept, never
@@ -22,6 +23,7 @@ layers=8
 seq=4096
 micro=4
 only=install,tests,bench,train
+data=""  # a preprocessed prefix (PREFIX.bin/.idx) for the trainings; default: the built-in corpus
 dry=0
 allow_cpu=0  # tests only: run the pipeline without CUDA (tiny shapes via GPU_CHECK_TRAIN_EXTRA)
 py=${PYTHON:-python3}
@@ -38,6 +40,7 @@ while [ $# -gt 0 ]; do
     --seq) need "$@"; posint "$1" "$2"; seq=$2; shift 2 ;;
     --micro-batch) need "$@"; posint "$1" "$2"; micro=$2; shift 2 ;;
     --only) need "$@"; only=$2; shift 2 ;;
+    --data) need "$@"; data=$2; shift 2 ;;
     --dry-run) dry=1; shift ;;
     --allow-cpu) allow_cpu=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -109,9 +112,9 @@ status=0
 if has tests; then
   say "pytest: kernel tests on CUDA + gpu-marked tests"
   rc=0
-  FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$P" -m pytest -q -p no:cacheprovider -m "not slurm" \
-    tests/test_triton_apply.py tests/test_fused_model.py tests/test_parallel_gpu.py \
-    > "$out/pytest.log" 2>&1 || rc=$?
+  read -r -a sel <<< "${GPU_CHECK_PYTEST_ARGS:-tests/test_triton_apply.py tests/test_fused_model.py tests/test_parallel_gpu.py}"
+  FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$P" -m pytest -q -p no:cacheprovider \
+    -m "not slurm" "${sel[@]}" > "$out/pytest.log" 2>&1 || rc=$?
   tail -25 "$out/pytest.log"
   [ "$rc" = 0 ] || { echo "pytest exited $rc"; status=1; }
 fi
@@ -127,6 +130,15 @@ fi
 if has train; then
   runs=${GPU_RUN_ROOT:-/dev/shm/fope_gpu_check}
   read -r -a extra <<< "${GPU_CHECK_TRAIN_EXTRA:-}"  # tests: tiny shapes on CPU
+  if [ -n "$data" ]; then
+    if [ ! -f "$data.bin" ] || [ ! -f "$data.idx" ]; then
+      echo "error: --data $data: no $data.bin / $data.idx" >&2
+      exit 2
+    fi
+    extra+=("data.path=[$(readlink -f "$data")]" data.synthetic=false)
+  else
+    extra+=("data.path=[]" data.synthetic=true)
+  fi
   for name in fope_fused fope_torch rope_fused; do
     kind=${name%%_*}; fusion=${name#*_}; [ "$fusion" = fused ] && fusion=triton
     say "train $name: llama_1b_$kind, $layers layers, seq $seq, micro $micro, $steps steps, bf16"
@@ -136,7 +148,7 @@ if has train; then
       model.num_layers="$layers" train.seq_length="$seq" train.micro_batch_size="$micro" \
       train.global_batch_size="$micro" train.steps="$steps" train.warmup_steps=5 \
       train.eval_interval=0 train.eval_lengths=[] train.save_interval=100000 train.keep_last=1 \
-      train.precision=bf16 data.path=[] data.synthetic=true data.tokenizer=byte data.num_workers=1 \
+      train.precision=bf16 data.tokenizer=byte data.num_workers=1 \
       position.fusion="$fusion" "${extra[@]}" > "$out/train_$name.log" 2>&1 || { status=1; tail -30 "$out/train_$name.log"; }
     mkdir -p "$out/train_$name"
     cp "$runs/$name/metrics.jsonl" "$runs/$name/config.yaml" "$out/train_$name/" 2>/dev/null || true

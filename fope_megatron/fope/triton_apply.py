@@ -77,189 +77,134 @@ def _out(v, PTR, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _rotate_heads(
-    X,
-    Out,
-    Gx,
-    s_idx,
-    s_mask,
-    j,
-    j_mask,
-    pj,
-    pj_mask,
-    C,
-    Sn,
-    head0,
-    n_heads,
-    B,
-    sx_s,
-    sx_b,
-    sx_h,
-    sx_d,
-    so_s,
-    so_b,
-    so_h,
-    so_d,
-    sg_s,
-    sg_b,
-    sg_h,
-    sg_d,
-    dC,
-    dS,
-    HALF: tl.constexpr,
-    D_R: tl.constexpr,
-    HAS_PASS: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    SIGN: tl.constexpr,
-    COEF_GRAD: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    """Apply to heads ``[head0, head0 + n_heads)`` of every batch row; accumulate dC/dS."""
+def _cols(
+    xb, ob, gb, j, m2, C, Sn, sx_d, so_d, sg_d, dC, dS, Out,
+    HALF: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
+    COEF_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """One head-row tile of pairs ``j``: ``o1 = x1*C - x2*S``, ``o2 = x2*C + x1*S`` (SIGN -1:
+    the transpose); with COEF_GRAD also accumulate ``dC``, ``dS`` from the saved input."""
     if INTERLEAVED:
         d1 = 2 * j
         d2 = 2 * j + 1
     else:
         d1 = j
         d2 = j + HALF
-    m2 = s_mask[:, None] & j_mask[None, :]
-    mp = s_mask[:, None] & pj_mask[None, :]
+    x1 = tl.load(xb + d1[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + d2[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
+    o1 = x1 * C - SIGN * (x2 * Sn)
+    o2 = x2 * C + SIGN * (x1 * Sn)
+    tl.store(ob + d1[None, :] * so_d, _out(o1, Out, ROUND_BF16), mask=m2)
+    tl.store(ob + d2[None, :] * so_d, _out(o2, Out, ROUND_BF16), mask=m2)
+    if COEF_GRAD:
+        # x holds the output gradient here, g the forward input: out1 = g1*C - g2*S,
+        # out2 = g2*C + g1*S, so dC = x1*g1 + x2*g2, dS = x2*g1 - x1*g2.
+        g1 = tl.load(gb + d1[None, :] * sg_d, mask=m2, other=0.0).to(tl.float32)
+        g2 = tl.load(gb + d2[None, :] * sg_d, mask=m2, other=0.0).to(tl.float32)
+        dC += x1 * g1 + x2 * g2
+        dS += x2 * g1 - x1 * g2
+    return dC, dS
+
+
+@triton.jit
+def _rotate_heads(
+    X, Out, Gx, s_idx, s_mask, jf, jr, pj, C, Sn, zero_freq_sin, head0, n_heads, B,
+    sx_s, sx_b, sx_h, sx_d, so_s, so_b, so_h, so_d, sg_s, sg_b, sg_h, sg_d, dC, dS,
+    HALF: tl.constexpr, D_OUT: tl.constexpr, D_R: tl.constexpr, D_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, SIGN: tl.constexpr, COEF_GRAD: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """Heads ``[head0, head0 + n_heads)`` of every batch row: Fourier pairs ``jf < D_OUT`` with
+    the tables, constant pairs ``jr`` (``C = 1``, ``S = zero_freq_sin``), pass-through ``pj``."""
+    mf = s_mask[:, None] & (jf < D_OUT)[None, :]
+    mr = s_mask[:, None] & (jr < HALF)[None, :]
+    mp = s_mask[:, None] & (pj < D_PASS)[None, :]
     for bi in range(B):
         for hh in range(n_heads):
             h = head0 + hh
             xb = X + s_idx[:, None] * sx_s + bi * sx_b + h * sx_h
             ob = Out + s_idx[:, None] * so_s + bi * so_b + h * so_h
-            x1 = tl.load(xb + d1[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
-            x2 = tl.load(xb + d2[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
-            o1 = x1 * C - SIGN * (x2 * Sn)
-            o2 = x2 * C + SIGN * (x1 * Sn)
-            tl.store(ob + d1[None, :] * so_d, _out(o1, Out, ROUND_BF16), mask=m2)
-            tl.store(ob + d2[None, :] * so_d, _out(o2, Out, ROUND_BF16), mask=m2)
-            if HAS_PASS:
+            gb = Gx + s_idx[:, None] * sg_s + bi * sg_b + h * sg_h
+            dC, dS = _cols(
+                xb, ob, gb, jf, mf, C, Sn, sx_d, so_d, sg_d, dC, dS, Out,
+                HALF, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+            )  # fmt: skip
+            if D_OUT < HALF:
+                _cols(
+                    xb, ob, gb, jr, mr, 1.0, zero_freq_sin, sx_d, so_d, sg_d, dC, dS, Out,
+                    HALF, INTERLEAVED, SIGN, False, ROUND_BF16,
+                )  # fmt: skip
+            if D_PASS > 0:
                 xp = tl.load(xb + (D_R + pj[None, :]) * sx_d, mask=mp, other=0.0)
                 tl.store(ob + (D_R + pj[None, :]) * so_d, xp.to(Out.dtype.element_ty), mask=mp)
-            if COEF_GRAD:
-                # X holds the output gradient here, Gx the forward input: out1 = g1*C - g2*S,
-                # out2 = g2*C + g1*S, so dC = d1*g1 + d2*g2, dS = d2*g1 - d1*g2.
-                gb = Gx + s_idx[:, None] * sg_s + bi * sg_b + h * sg_h
-                g1 = tl.load(gb + d1[None, :] * sg_d, mask=m2, other=0.0).to(tl.float32)
-                g2 = tl.load(gb + d2[None, :] * sg_d, mask=m2, other=0.0).to(tl.float32)
-                dC += x1 * g1 + x2 * g2
-                dS += x2 * g1 - x1 * g2
     return dC, dS
 
 
 @triton.jit
 def _fope_qk_kernel(
-    Q,
-    K,
-    OQ,
-    OK,
-    GQ,
-    GK,
-    POS,
-    W,
-    ACOS,
-    ASIN,
-    DACOS,
-    DASIN,
-    S,
-    B,
-    sq_s,
-    sq_b,
-    sq_h,
-    sq_d,
-    sk_s,
-    sk_b,
-    sk_h,
-    sk_d,
-    soq_s,
-    soq_b,
-    soq_h,
-    soq_d,
-    sok_s,
-    sok_b,
-    sok_h,
-    sok_d,
-    sgq_s,
-    sgq_b,
-    sgq_h,
-    sgq_d,
-    sgk_s,
-    sgk_b,
-    sgk_h,
-    sgk_d,
+    Q, K, OQ, OK, GQ, GK, POS, W, ACOS, ASIN, DACOS, DASIN, S, B,
+    sq_s, sq_b, sq_h, sq_d, sk_s, sk_b, sk_h, sk_d,
+    soq_s, soq_b, soq_h, soq_d, sok_s, sok_b, sok_h, sok_d,
+    sgq_s, sgq_b, sgq_h, sgq_d, sgk_s, sgk_b, sgk_h, sgk_d,
     zero_freq_sin,
-    QH_PER_G: tl.constexpr,
-    KH_PER_G: tl.constexpr,
-    N_GROUPS: tl.constexpr,
-    D_R: tl.constexpr,
-    D_PASS: tl.constexpr,
-    D_IN: tl.constexpr,
-    D_OUT: tl.constexpr,
-    HALF_P2: tl.constexpr,
-    PASS_P2: tl.constexpr,
-    ROPE: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    SIGN: tl.constexpr,
-    COEF_GRAD: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    ROUND_BF16: tl.constexpr = False,
-):
+    QH_PER_G: tl.constexpr, KH_PER_G: tl.constexpr, N_GROUPS: tl.constexpr,
+    D_R: tl.constexpr, D_PASS: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+    OUT_P2: tl.constexpr, REST_P2: tl.constexpr, PASS_P2: tl.constexpr,
+    ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
+    COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
+):  # fmt: skip
     pid_s = tl.program_id(0)
     g = tl.program_id(1)
     HALF: tl.constexpr = D_R // 2
     s_idx = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_mask = s_idx < S
-    j = tl.arange(0, HALF_P2)
-    j_mask = j < HALF
+    jf = tl.arange(0, OUT_P2)  # Fourier pairs (all pairs in the RoPE limit)
+    o_mask = jf < D_OUT
+    jr = D_OUT + tl.arange(0, REST_P2)  # zero-frequency pairs
     pj = tl.arange(0, PASS_P2)
-    pj_mask = pj < D_PASS
     pos = tl.load(POS + s_idx, mask=s_mask, other=0).to(tl.float32)
 
     if ROPE:
-        w = tl.load(W + j, mask=j_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + jf, mask=o_mask, other=0.0).to(tl.float32)
         ang = _reduce(pos[:, None] * w[None, :])
         C = tl.cos(ang)
         Sn = tl.sin(ang)
     else:
-        acc_c = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
-        acc_s = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
-        o_mask = j < D_OUT
+        # Only the D_out Fourier columns are mixed; the zero-frequency ones are constants.
+        C = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
+        Sn = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
         a_base = g * D_IN * D_OUT
         for kk in tl.static_range(D_IN):
             w_k = tl.load(W + kk).to(tl.float32)
             ang = _reduce(pos * w_k)
-            ac = tl.load(ACOS + a_base + kk * D_OUT + j, mask=o_mask, other=0.0)
-            asn = tl.load(ASIN + a_base + kk * D_OUT + j, mask=o_mask, other=0.0)
-            acc_c += tl.cos(ang)[:, None] * ac[None, :]
-            acc_s += tl.sin(ang)[:, None] * asn[None, :]
-        C = tl.where(o_mask[None, :], acc_c, 1.0)
-        Sn = tl.where(o_mask[None, :], acc_s, zero_freq_sin)
+            ac = tl.load(ACOS + a_base + kk * D_OUT + jf, mask=o_mask, other=0.0)
+            asn = tl.load(ASIN + a_base + kk * D_OUT + jf, mask=o_mask, other=0.0)
+            C += tl.cos(ang)[:, None] * ac[None, :]
+            Sn += tl.sin(ang)[:, None] * asn[None, :]
 
-    dC = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
-    dS = tl.zeros((BLOCK_S, HALF_P2), dtype=tl.float32)
+    dC = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
+    dS = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
     dC, dS = _rotate_heads(
-        Q, OQ, GQ, s_idx, s_mask, j, j_mask, pj, pj_mask, C, Sn, g * QH_PER_G, QH_PER_G, B,
+        Q, OQ, GQ, s_idx, s_mask, jf, jr, pj, C, Sn, zero_freq_sin, g * QH_PER_G, QH_PER_G, B,
         sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
-        dC, dS, HALF, D_R, D_PASS > 0, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+        dC, dS, HALF, D_OUT, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
     )  # fmt: skip
     dC, dS = _rotate_heads(
-        K, OK, GK, s_idx, s_mask, j, j_mask, pj, pj_mask, C, Sn, g * KH_PER_G, KH_PER_G, B,
+        K, OK, GK, s_idx, s_mask, jf, jr, pj, C, Sn, zero_freq_sin, g * KH_PER_G, KH_PER_G, B,
         sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
-        dC, dS, HALF, D_R, D_PASS > 0, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+        dC, dS, HALF, D_OUT, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
     )  # fmt: skip
 
     if COEF_GRAD:
         # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0).
-        o_mask = j < D_OUT
         out_base = ((pid_s * N_GROUPS + g) * D_IN) * D_OUT
         for kk in tl.static_range(D_IN):
             w_k = tl.load(W + kk).to(tl.float32)
             ang = _reduce(pos * w_k)
             pc = tl.sum(tl.cos(ang)[:, None] * dC, axis=0)
             ps = tl.sum(tl.sin(ang)[:, None] * dS, axis=0)
-            tl.store(DACOS + out_base + kk * D_OUT + j, pc, mask=o_mask)
-            tl.store(DASIN + out_base + kk * D_OUT + j, ps, mask=o_mask)
+            tl.store(DACOS + out_base + kk * D_OUT + jf, pc, mask=o_mask)
+            tl.store(DASIN + out_base + kk * D_OUT + jf, ps, mask=o_mask)
 
 
 def _configs() -> list[triton.Config]:
@@ -350,7 +295,8 @@ def _launch(
         D_PASS=d_pass,
         D_IN=d_in,
         D_OUT=d_out,
-        HALF_P2=triton.next_power_of_2(half),
+        OUT_P2=triton.next_power_of_2(d_out),
+        REST_P2=triton.next_power_of_2(max(half - d_out, 1)),
         PASS_P2=triton.next_power_of_2(max(d_pass, 1)),
         ROPE=rope,
         INTERLEAVED=bool(interleaved),
