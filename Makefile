@@ -2,20 +2,20 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 # SYSTEM_TORCH=1: reuse the torch already installed in $(PYTHON) (a cluster container with a CUDA
-# build). The venv then sees system site-packages and torch is dropped from the constraints.
+# build). The venv then sees system site-packages and torch/triton are dropped from the constraints.
 SYSTEM_TORCH ?= 0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fope-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test smoke lint format bench clean
+.PHONY: install test smoke lint format bench wheelhouse gpu-check clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@if [ "$(SYSTEM_TORCH)" = "1" ]; then \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
-	  grep -v '^torch==' constraints.txt > $(VENV)/constraints.txt; \
+	  grep -v -e '^torch==' -e '^triton==' constraints.txt > $(VENV)/constraints.txt; \
 	else \
 	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
 	  cp constraints.txt $(VENV)/constraints.txt; \
@@ -39,6 +39,16 @@ format: install
 
 bench: install
 	$(PY) -m fope_megatron.bench.apply
+
+# Offline wheels for a GPU node without network (megatron-core, deepspeed, ...; git-ignored).
+wheelhouse: install
+	BUILD_PYTHON=$(PY) scripts/build_wheelhouse.sh wheelhouse
+
+# On the GPU node (Python with a CUDA torch, no network): install offline from ./wheelhouse, run
+# the kernel tests on CUDA, the benchmark and three short 1B-class trainings -> docs/results/gpu/.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,6 +7,7 @@ the layer's coefficients, megatron's ``cos()``/``sin()`` of the frequencies) is 
 
 Methods (``available_methods`` says which run here):
 - ``fope_fused``: our Triton kernel, q and k in one launch (CUDA, or the CPU interpreter).
+- ``fope_fused_dot``: the same kernel forming its tables with fp32 ``tl.dot`` (``mix='dot'``).
 - ``fope_torch``: the torch reference path (float32 tables, then apply).
 - ``rope_fused``: the same Triton kernel in its RoPE limit.
 - ``rope_te``: transformer-engine's fused RoPE through megatron-core (q and k calls summed).
@@ -29,6 +30,7 @@ from ..fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 METHODS = (
     "fope_fused",
+    "fope_fused_dot",
     "fope_torch",
     "rope_fused",
     "rope_te",
@@ -52,7 +54,7 @@ def available_methods(device: torch.device) -> list[str]:
     triton_ok = triton_available() and (cuda or _interpreted())
     out = []
     for name in METHODS:
-        if name in ("fope_fused", "rope_fused") and not triton_ok:
+        if name in ("fope_fused", "fope_fused_dot", "rope_fused") and not triton_ok:
             continue
         if name == "rope_te" and not (cuda and transformer_engine_available()):
             continue
@@ -94,7 +96,19 @@ def build_step(
             num_layers=1,
         )
         fope = FourierPositionEmbedding(cfg).to(device)
-        fusion = "triton" if name == "fope_fused" else "torch"
+        fusion = "torch" if name == "fope_torch" else "triton"
+        if name == "fope_fused_dot":
+            from ..fope.triton_apply import fope_apply_qk
+
+            a_cos, a_sin = fope.coef_cos[0], fope.coef_sin[0]
+            w_in = fope.frequencies[: fope.d_in]
+
+            def dot_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+                return fope_apply_qk(
+                    q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix="dot"
+                )  # fmt: skip
+
+            return dot_step, {"d_in": fope.d_in, "d_out": fope.d_out, "rotary_dim": cfg.rotary_dim}
 
         def fope_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
             return fope.apply_qk(q, k, positions, 0, fusion=fusion)

@@ -110,7 +110,11 @@ def gather_full_tensors(
             full[name] = t
         elif name in fope:
             module = fope[name]
-            spans = _gather(torch.tensor([module.groups.start, module.groups.stop]), group, size)
+            spans = _gather(
+                torch.tensor([module.groups.start, module.groups.stop], device=t.device),
+                group,
+                size,
+            )
             parts = _gather(t, group, size)
             shape = list(t.shape)
             shape[1] = module.config.groups

@@ -152,6 +152,7 @@ def _fope_qk_kernel(
     OUT_P2: tl.constexpr, REST_P2: tl.constexpr, PASS_P2: tl.constexpr,
     ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
     COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
+    MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     g = tl.program_id(1)
@@ -169,6 +170,19 @@ def _fope_qk_kernel(
         ang = _reduce(pos[:, None] * w[None, :])
         C = tl.cos(ang)
         Sn = tl.sin(ang)
+    elif MIX_DOT:
+        # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
+        # product per table (IEEE fp32, no TF32): C = cos(p w) @ A_cos, S = sin(p w) @ A_sin.
+        ki = tl.arange(0, IN_P2)
+        k_mask = ki < D_IN
+        w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
+        ang = _reduce(pos[:, None] * w[None, :])
+        cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
+        sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
+        a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jf[None, :]
+        a_m = k_mask[:, None] & o_mask[None, :]
+        C = tl.dot(cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision="ieee")
+        Sn = tl.dot(sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision="ieee")
     else:
         # Only the D_out Fourier columns are mixed; the zero-frequency ones are constants.
         C = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
@@ -198,7 +212,12 @@ def _fope_qk_kernel(
     if COEF_GRAD:
         # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0).
         out_base = ((pid_s * N_GROUPS + g) * D_IN) * D_OUT
-        for kk in tl.static_range(D_IN):
+        if MIX_DOT:
+            p_off = out_base + ki[:, None] * D_OUT + jf[None, :]
+            pc = tl.dot(tl.trans(cos_t), dC, input_precision="ieee")
+            tl.store(DACOS + p_off, pc, mask=a_m)
+            tl.store(DASIN + p_off, tl.dot(tl.trans(sin_t), dS, input_precision="ieee"), mask=a_m)
+        for kk in tl.static_range(0 if MIX_DOT else D_IN):
             w_k = tl.load(W + kk).to(tl.float32)
             ang = _reduce(pos * w_k)
             pc = tl.sum(tl.cos(ang)[:, None] * dC, axis=0)
@@ -214,7 +233,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_S": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_S": bs}, num_warps=nw)
-        for bs, nw in ((8, 2), (16, 4), (32, 4), (32, 8), (64, 8))
+        for bs, nw in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8))
     ]
 
 
@@ -271,6 +290,7 @@ def _launch(
     interleaved: bool,
     sign: int,
     grad_inputs: tuple[Tensor, Tensor] | None = None,
+    mix: str = "loop",
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """One launch over (position blocks, groups). ``a_cos is None``: RoPE limit."""
     s, b, hq, d = x_q.shape
@@ -287,7 +307,10 @@ def _launch(
     dummy = w  # unused pointer arguments (constexpr-disabled branches)
     coef = (dummy, dummy) if rope else (a_cos, a_sin)
     gq, gk = grad_inputs if grad_inputs is not None else (x_q, x_k)
+    dot = mix == "dot" and not rope  # tl.dot needs every dim >= 16: pad D_in, D_out, BLOCK_S
     common = dict(
+        MIX_DOT=dot,
+        IN_P2=max(16, triton.next_power_of_2(d_in)),
         QH_PER_G=hq // n_groups,
         KH_PER_G=hk // n_groups,
         N_GROUPS=n_groups,
@@ -295,7 +318,7 @@ def _launch(
         D_PASS=d_pass,
         D_IN=d_in,
         D_OUT=d_out,
-        OUT_P2=triton.next_power_of_2(d_out),
+        OUT_P2=max(16 if dot else 1, triton.next_power_of_2(d_out)),
         REST_P2=triton.next_power_of_2(max(half - d_out, 1)),
         PASS_P2=triton.next_power_of_2(max(d_pass, 1)),
         ROPE=rope,
@@ -315,7 +338,7 @@ def _launch(
             *args, dummy, dummy, s, b, *strides, float(zero_freq_sin), COEF_GRAD=False, **common
         )
         return out_q, out_k, None, None
-    blocks = triton.cdiv(s, _COEF_GRAD_BLOCK)
+    blocks = triton.cdiv(s, _COEF_GRAD_BLOCK)  # >= 16 rows: tl.dot's minimum
     part = torch.zeros(2, blocks, n_groups, d_in, d_out, dtype=torch.float32, device=x_q.device)
     _fope_qk_kernel[(blocks, n_groups)](
         *args, part[0], part[1], s, b, *strides, float(zero_freq_sin),
@@ -327,13 +350,14 @@ def _launch(
 
 class _FusedFoPE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, positions, w, a_cos, a_sin, rotary_dim, zero_freq_sin, interleaved):
+    def forward(ctx, q, k, positions, w, a_cos, a_sin, rotary_dim, zero_freq_sin, interleaved, mix):
         n_groups = a_cos.shape[0] if a_cos is not None else k.shape[2]
         out_q, out_k, _, _ = _launch(
-            q, k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin, interleaved, 1
-        )
+            q, k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin, interleaved, 1,
+            mix=mix,
+        )  # fmt: skip
         learn = a_cos is not None and (a_cos.requires_grad or a_sin.requires_grad)
-        ctx.meta = (n_groups, rotary_dim, zero_freq_sin, interleaved, learn, q.shape, k.shape)
+        ctx.meta = (n_groups, rotary_dim, zero_freq_sin, interleaved, learn, q.shape, k.shape, mix)
         # Frozen coefficients: nothing activation-sized is kept (positions, w and the
         # [G, D_in, D_out] coefficients only). Trainable ones need the inputs for dA.
         if learn:
@@ -344,7 +368,7 @@ class _FusedFoPE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
-        n_groups, rotary_dim, zero_freq_sin, interleaved, learn, shape_q, shape_k = ctx.meta
+        n_groups, rotary_dim, zero_freq_sin, interleaved, learn, shape_q, shape_k, mix = ctx.meta
         saved = ctx.saved_tensors
         positions, w, a_cos, a_sin = saved[:4]
         inputs = (saved[4], saved[5]) if learn else None
@@ -355,9 +379,9 @@ class _FusedFoPE(torch.autograd.Function):
             grad_k = like.new_zeros(shape_k)
         dq, dk, da_cos, da_sin = _launch(
             grad_q, grad_k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin,
-            interleaved, -1, inputs,
+            interleaved, -1, inputs, mix,
         )  # fmt: skip
-        return dq, dk, None, None, da_cos, da_sin, None, None, None
+        return dq, dk, None, None, da_cos, da_sin, None, None, None, None
 
 
 def fope_apply_qk(
@@ -370,6 +394,7 @@ def fope_apply_qk(
     rotary_dim: int,
     zero_freq_sin: float = 1.0,
     interleaved: bool = False,
+    mix: str = "loop",
 ) -> tuple[Tensor, Tensor]:
     """Fused FoPE on ``q`` ``[s, b, Hq, d]`` and ``k`` ``[s, b, Hk, d]`` (any strides).
 
@@ -380,6 +405,10 @@ def fope_apply_qk(
             local query head ``h`` uses group ``h // (Hq / n_groups)``, key head ``h`` group
             ``h // (Hk / n_groups)``.
         rotary_dim: ``d_r``; dims beyond it pass through.
+        mix: how the tables are formed in registers: ``loop`` (one ``D_in`` step at a time, the
+            variant measured on the H100 in docs/results/gpu) or ``dot`` (cos/sin of the whole
+            ``[block, D_in]`` angle tile, then an fp32 ``tl.dot`` with the coefficients; no
+            replicated trigonometry; not yet timed on a GPU).
 
     Returns ``(q', k')``, new contiguous tensors of q's dtype; math in float32.
     """
@@ -395,9 +424,11 @@ def fope_apply_qk(
     _check(q, k, positions, a_cos.shape[0], rotary_dim)
     if a_cos.dtype != torch.float32 or a_sin.dtype != torch.float32:
         raise ValueError(f"coefficients must be float32, got {a_cos.dtype} / {a_sin.dtype}")
+    if mix not in ("loop", "dot"):
+        raise ValueError(f"mix={mix!r} unknown; allowed: loop, dot")
     return _FusedFoPE.apply(
         q, k, positions, w_in.float().contiguous(), a_cos.contiguous(), a_sin.contiguous(),
-        int(rotary_dim), float(zero_freq_sin), bool(interleaved),
+        int(rotary_dim), float(zero_freq_sin), bool(interleaved), mix,
     )  # fmt: skip
 
 
@@ -420,5 +451,5 @@ def rope_apply_qk(
     _check(q, k, positions, k.shape[2], rotary_dim)
     return _FusedFoPE.apply(
         q, k, positions, w.float().contiguous(), None, None, int(rotary_dim), 1.0,
-        bool(interleaved),
+        bool(interleaved), "loop",
     )  # fmt: skip

@@ -32,6 +32,14 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives (flags, loss sums) must live: the current CUDA device
+    under nccl (it has no CPU backend), the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def slurm_first_node_address() -> str:
     """The address of the allocation's first node: Slurm's NodeAddr for it, resolved."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")

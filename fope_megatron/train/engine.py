@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..parallel.setup import ensure_accelerator
+from ..parallel.setup import comm_device, ensure_accelerator
 from .config import Config
 from .schedule import lr_at
 
@@ -104,11 +104,11 @@ def grad_norm(model: torch.nn.Module, mpu) -> float:
     import torch.distributed as dist
 
     tp_rank = mpu.get_model_parallel_rank()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=comm_device())
     for p in model.parameters():
         if p.grad is None:
             continue
         if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
-            total += p.grad.detach().double().pow(2).sum().cpu()
+            total += p.grad.detach().double().pow(2).sum().to(total.device)
     dist.all_reduce(total, group=mpu.get_model_parallel_group())
     return float(total.sqrt())

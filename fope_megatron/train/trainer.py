@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..checkpoint import store as checkpoint
 from ..checkpoint.full_state import FULL_MODEL_FILE
+from ..parallel.setup import comm_device
 from . import resume
 from .config import Config, ConfigError, check_vocab
 from .engine import grad_norm
@@ -39,7 +40,7 @@ class StopSignal:
         self.signum = signum
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.signum is not None else 0])
+        flag = torch.tensor([1 if self.signum is not None else 0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -267,7 +268,7 @@ class Trainer:
         return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
 
     def _reduce_dp(self, *values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=comm_device())
         dist.all_reduce(t, group=self.ps.get_data_parallel_group(with_context_parallel=True))
         return t.tolist()
 
@@ -327,7 +328,7 @@ class Trainer:
 
     def _agree(self, reason: str | None) -> str | None:
         """Every rank takes the same decision (any rank objecting counts)."""
-        flag = torch.tensor([1 if reason else 0])
+        flag = torch.tensor([1 if reason else 0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and reason is None:
             return "another rank found the step bad"
