@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.config import ConfigError
+from ..errors import ConfigError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset._INDEX_HEADER
 # megatron-core indexed_dataset.DType codes
@@ -135,13 +135,11 @@ def check_split(split: str, prefix: str, num_docs: int, need_valid: bool) -> Non
         )
 
 
-def check_data_files(cfg) -> list[str]:
-    """Every check of ``data.path`` that reads files: presence, sizes, sidecars and the split."""
+def check_data_files(cfg, prefixes: list[str]) -> list[str]:
+    """Every check of the ``data.path`` prefixes that reads files: sizes, sidecars and the split
+    (``prefixes``: the configured ones, whose presence the config check has established)."""
     if cfg.data.synthetic:
         return []
-    from ..train.config import check_data
-
-    prefixes = check_data(cfg)  # the keys' shape, [prefix] or a weighted blend
     for prefix in prefixes:
         info = check_prefix(prefix)
         check_split(cfg.data.split, prefix, info.num_documents, need_valid=True)

@@ -65,7 +65,7 @@ def _prefix_tokens(prefix: str, tokenizer, n_tokens: int, first_doc: int, why: s
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from ..data.integrity import check_prefix
-    from ..train.config import ConfigError
+    from ..errors import ConfigError
 
     if not Path(f"{prefix}.idx").is_file() and not Path(f"{prefix}.bin").is_file():
         raise FileNotFoundError(

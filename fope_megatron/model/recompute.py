@@ -36,7 +36,7 @@ def check_recompute(cfg) -> None:
     Raises:
         ConfigError: naming the key, the value and what is allowed.
     """
-    from ..train.config import ConfigError  # (config.py calls this lazily: no import cycle)
+    from ..errors import ConfigError
 
     t, layers = cfg.train, cfg.model.num_layers
     n = t.recompute_num_layers

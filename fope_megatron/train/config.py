@@ -22,13 +22,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from fope_megatron.errors import ConfigError
 from fope_megatron.parallel.dims import ParallelDims
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or impossible."""
 
 
 @dataclass
@@ -498,7 +495,7 @@ def _check_sections(c: Config) -> None:
         _fail("position.beta_fast", p.beta_fast, f"must be > position.beta_slow={p.beta_slow}")
     _check_deepspeed(c)
     _check_data_section(c)
-    from ..model.recompute import check_recompute  # it imports ConfigError from here
+    from ..model.recompute import check_recompute
 
     check_recompute(c)
 

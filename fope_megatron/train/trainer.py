@@ -16,7 +16,7 @@ from ..checkpoint import store as checkpoint
 from ..checkpoint.full_state import FULL_MODEL_FILE
 from ..parallel.setup import comm_device
 from . import resume
-from .config import Config, ConfigError, check_vocab
+from .config import Config, ConfigError, check_data, check_vocab
 from .engine import grad_norm
 from .guard import NONFINITE_EXIT_CODE, Guard
 from .metrics import MetricsLogger, Timer, flops_per_token, setup_logging
@@ -61,7 +61,7 @@ def preflight(cfg: Config, world_size: int):
     from ..data.integrity import check_data_files
 
     dims = cfg.validate(world_size)
-    prefixes = check_data_files(cfg)
+    prefixes = check_data_files(cfg, check_data(cfg))
     check_vocab(cfg, tokenizer_vocab(cfg, prefixes))
     from ..checkpoint.manifest import CheckpointDamaged
 
