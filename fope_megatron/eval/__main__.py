@@ -1,6 +1,7 @@
 """``fope-eval``: perplexity and passkey retrieval vs length for a trained run, or a comparison.
 
 fope-eval --run RUN_DIR [--checkpoint latest|PATH] --lengths 128,256,512 --out OUT_DIR
+          [--position-scaling pi|ntk|dynamic-ntk|yarn [--scaling-factor F]]
 fope-eval --compare OUT_A OUT_B ... --out DIR
 """
 
@@ -30,6 +31,8 @@ def evaluate_run(args) -> dict:
     n_tokens = max(lengths) * args.ppl_chunks
     tokens = heldout_tokens(cfg, tokenizer, n_tokens, args.data)
     model, cfg, path = load_model(args.run, args.checkpoint)
+    if args.position_scaling != "none":
+        return _evaluate_scaled(args, cfg, model, path, tokenizer, tokens, lengths, n_tokens)
     fn = logits_fn(model)
     greedy = None
     if args.passkey_trials > 0 and not args.passkey_full_recompute:
@@ -71,6 +74,59 @@ def evaluate_run(args) -> dict:
     )
 
 
+def _evaluate_scaled(args, cfg, model, path, tokenizer, tokens, lengths, n_tokens) -> dict:
+    """One model per length with scaled frequencies (``eval.scaled``); passkey by full recompute
+    (the transformers export knows no NTK scaling, and the recompute path is the reference)."""
+    from ..checkpoint.full_state import checkpoint_full_state
+    from .loader import logits_fn
+    from .passkey import evaluate_passkey
+    from .perplexity import evaluate_perplexity
+    from .report import write_report
+    from .scaled import build_scaled_model, scaling_factor
+
+    train_len = cfg.fope.train_seq_len or cfg.train.seq_length
+    state = checkpoint_full_state(path)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    span = min(n_tokens, len(tokens))
+    ppl, passkey, factors = {}, {"passkey": {}, "passkey_by_depth": {}, "passkey_logprob": {}}, {}
+    for L in lengths:
+        f = scaling_factor(args.position_scaling, args.scaling_factor, L, train_len)
+        factors[L] = f
+        fn = logits_fn(build_scaled_model(cfg, state, path, args.position_scaling, f, L))
+        ppl.update(evaluate_perplexity(
+            fn, tokens, [L], n_tokens=span, stride=args.stride, max_batch_size=args.batch_size,
+            progress=not args.no_progress,
+        ))  # fmt: skip
+        if args.passkey_trials > 0:
+            one = evaluate_passkey(
+                fn, tokenizer, [L], n_trials=args.passkey_trials, seed=args.seed,
+                max_batch_size=args.batch_size, progress=not args.no_progress,
+            )  # fmt: skip
+            for k, v in one.items():
+                passkey[k].update(v)
+    return write_report(
+        args.out,
+        perplexity=ppl,
+        passkey=passkey if args.passkey_trials > 0 else None,
+        train_seq_len=train_len,
+        checkpoint=str(path),
+        position_embedding=cfg.model.position_embedding,
+        params=params,
+        label=args.label,
+        details={
+            "run": str(args.run),
+            "protocol": "sliding" if args.stride else "non-overlapping chunks",
+            "stride": args.stride,
+            "ppl_tokens": int(span),
+            "passkey_trials": args.passkey_trials,
+            "seed": args.seed,
+            "position_scaling": args.position_scaling,
+            "scaling_factor": {str(L): f for L, f in factors.items()},
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fope-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -89,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passkey-trials", type=int, default=20, help="trials per length (0: skip)")
     p.add_argument("--passkey-full-recompute", action="store_true",
                    help="generate the passkey with one full forward per token (default: KV cache)")  # fmt: skip
+    p.add_argument("--position-scaling", default="none",
+                   choices=["none", "pi", "ntk", "dynamic-ntk", "yarn"],
+                   help="training-free frequency scaling at evaluation time (no fine-tuning)")  # fmt: skip
+    p.add_argument("--scaling-factor", type=float, default=None,
+                   help="scaling factor (default: eval length / training length per length; "
+                   "1 for dynamic-ntk, which scales by the sequence length itself)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None)
@@ -105,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.run:
         p.error("--run is required (or --compare)")
+    if args.scaling_factor is not None and args.position_scaling == "none":
+        p.error("--scaling-factor needs --position-scaling pi|ntk|dynamic-ntk|yarn")
     try:
         result = evaluate_run(args)
     except (FileNotFoundError, ValueError) as e:
