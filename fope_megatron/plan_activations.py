@@ -14,14 +14,16 @@ Transformer Models", section 4) generalised to GQA and SwiGLU::
 
 For MHA, a GeLU MLP with f = 4h and dropout on this is exactly ``s*b*h*(34 + 5*a*s/h)`` (and
 ``10 + 24/tp`` without sequence parallelism). Flash attention (SDPA/flash/TE fused attention,
-fope-plan's default) stores no score matrix, so it drops ``A``. Each layer also keeps its FoPE/RoPE
-tables for backward (two float32 ``[s/cp, G_local, d_r]``).
+fope-plan's default) stores no score matrix, so it drops ``A``. With ``position.fusion=torch`` each
+layer also keeps its FoPE/RoPE tables for backward (two float32 ``[s/cp, G_local, d_r]``); the
+fused kernel (``auto`` or ``triton`` on GPUs) keeps none.
 
 Activation recompute (``train.recompute``, megatron-core's own, see ``model/recompute.py``):
 
 - ``selective`` recomputes the core attention: the ``A`` term goes, as in the paper's
   ``s*b*h*34``; q, k and v are the checkpoint's inputs and stay. With flash attention there is
-  no ``A`` to drop, so selective saves nothing here.
+  no ``A`` to drop. On the torch path the FoPE/RoPE apply is checkpointed too: its tables go and
+  its bf16 q, k inputs (``2*(h + G*d)`` per token) stay.
 - ``full`` keeps only the bf16 input ``[s, b, h]`` (``/ tp`` with sp) of each checkpointed
   chunk, plus one chunk's full activations while it is recomputed in backward (FoPE/RoPE tables
   included: they are made inside the layer). ``uniform`` with ``n`` layers per chunk:
@@ -65,11 +67,20 @@ def layer_bytes(cfg, dims, count, flash: bool = True, selective: bool = False) -
     if not flash and not selective:
         per_token += a * s * (2 + (3 if m.attention_dropout > 0 else 0)) / t
     per_layer = s * b * per_token
-    if m.position_embedding != "none":
-        d_r = int(d * m.rotary_percent)
-        groups = count.fope.groups if count.fope else 1
-        per_layer += 2 * (cfg.train.seq_length // dims.cp) * groups * d_r * 4
+    if m.position_embedding != "none" and position_fusion_on_gpu(cfg) == "torch":
+        if selective:  # the apply is checkpointed: its bf16 q and k inputs stay, tables go
+            per_layer += s * b * 2 * (h + kv) / t
+        else:
+            d_r = int(d * m.rotary_percent)
+            groups = count.fope.groups if count.fope else 1
+            per_layer += 2 * (cfg.train.seq_length // dims.cp) * groups * d_r * 4
     return per_layer
+
+
+def position_fusion_on_gpu(cfg) -> str:
+    """What ``position.fusion`` runs as on the GPU cluster being planned: ``auto`` and ``triton``
+    are the fused kernel (it keeps nothing for backward), ``torch`` keeps its tables."""
+    return "torch" if cfg.position.fusion == "torch" else "triton"
 
 
 def activation_bytes(cfg, dims, count, flash: bool = True) -> dict[str, float]:

@@ -329,3 +329,24 @@ def test_plan_suggests_recompute_only_where_it_fits():
     on = plan(path, Layout(nodes=1, gpus_per_node=8, gpu_memory_gb=30), ["train.recompute=full"])
     assert not on.fits and not any("recompute" in s for s in on.suggestions)
     assert "full recompute" in on.assumptions[1]
+
+
+def test_position_tables_depend_on_fusion():
+    """position.fusion=torch keeps two float32 tables [s, G, d_r] per layer (selective recompute
+    swaps them for the bf16 q, k inputs of the checkpointed apply); the fused kernel keeps none."""
+    base = [*TINY, "train.seq_length=128"]
+    torch_cfg = load_config(None, [*base, "position.fusion=torch"])
+    dims = torch_cfg.validate(1)
+    count = count_parameters(torch_cfg)
+    m = torch_cfg.model
+    d = m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    tables = m.num_layers * 2 * 128 * groups * d * 4
+    fused = activation_bytes(load_config(None, base), dims, count)["activations"]
+    plain = activation_bytes(torch_cfg, dims, count)["activations"]
+    assert plain - fused == tables
+    sel = load_config(None, [*base, "position.fusion=torch", "train.recompute=selective"])
+    sel_fused = load_config(None, [*base, "train.recompute=selective"])
+    qk = m.num_layers * 128 * torch_cfg.train.micro_batch_size * 2 * (m.hidden_size + groups * d)
+    diff = activation_bytes(sel, dims, count)["activations"]
+    assert diff - activation_bytes(sel_fused, dims, count)["activations"] == qk
