@@ -2,7 +2,6 @@
 ``ROPE_INIT_FUNCTIONS``, bloc97's NTK base) and on a real megatron-core model."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

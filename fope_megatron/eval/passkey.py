@@ -25,105 +25,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fope_megatron.data.passkey import (  # the prompt format training's mixture shares
+    ANSWER,
+    FILLER,
+    NEEDLE_HEAD,
+    NEEDLE_TAIL,
+    QUESTION,
+    PasskeySample,
+    filler_budget,
+    make_passkey_sample,
+)
 from fope_megatron.data.tokenizer import Tokenizer
 from fope_megatron.eval.perplexity import LogitsFn
 
+__all__ = [
+    "ANSWER", "FILLER", "NEEDLE_HEAD", "NEEDLE_TAIL", "QUESTION", "PasskeySample",
+    "bucket_labels", "evaluate_passkey", "filler_budget", "make_passkey_sample", "sample_trials",
+    "score_samples",
+]  # fmt: skip
+
 GreedyFn = Callable[[torch.Tensor, int], torch.Tensor]
 """``(prompts LongTensor[b, L], steps) -> LongTensor[b, steps]``: greedy continuation."""
-
-FILLER = (
-    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-)
-NEEDLE_HEAD = " The pass key is"
-ANSWER = " {key}"
-NEEDLE_TAIL = ". Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
-
-
-@dataclass
-class PasskeySample:
-    """One passkey prompt and where its parts lie."""
-
-    tokens: list[int]
-    """Prompt token ids, exactly the requested length, ending right before the answer."""
-    key: str
-    """The 5-digit key."""
-    answer: list[int]
-    """Token ids of the expected continuation (the key with its leading space)."""
-    needle_pos: int
-    """Token index where the needle starts."""
-    key_pos: int
-    """Token index of the key's first token inside the needle."""
-    depth: float
-    """Fraction of the filler placed before the needle, in [0, 1]."""
-    n_filler: int
-    """Filler tokens in the prompt (before and after the needle)."""
-
-    def bucket(self, n_buckets: int) -> int:
-        """Depth bucket index, computed exactly from token counts."""
-        if self.n_filler == 0:
-            return 0
-        return min(self.needle_pos * n_buckets // self.n_filler, n_buckets - 1)
-
-
-def _cyclic_tail(unit: list[int], n: int) -> list[int]:
-    """The last ``n`` tokens of ``unit`` repeated enough times (ends on a whole unit)."""
-    if n == 0:
-        return []
-    reps = unit * (n // len(unit) + 1)
-    return reps[len(reps) - n :]
-
-
-def filler_budget(tokenizer: Tokenizer, length: int, key: str = "00000") -> int:
-    """Filler tokens left in a prompt of ``length`` tokens once needle and question are placed."""
-    fixed = (
-        tokenizer.encode(NEEDLE_HEAD)
-        + tokenizer.encode(ANSWER.format(key=key))
-        + tokenizer.encode(NEEDLE_TAIL.format(key=key))
-        + tokenizer.encode(QUESTION)
-    )
-    n = length - len(fixed)
-    if n < 0:
-        raise ValueError(
-            f"passkey length {length} is too short: needle and question alone take "
-            f"{len(fixed)} tokens with this tokenizer; use lengths >= {len(fixed)}"
-        )
-    return n
-
-
-def make_passkey_sample(tokenizer: Tokenizer, length: int, depth: float, key: str) -> PasskeySample:
-    """Build one prompt of exactly ``length`` tokens with ``key`` at ``depth`` (0..1).
-
-    The number of filler tokens before the needle is ``round(depth * n_filler)``.
-    """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    head = tokenizer.encode(NEEDLE_HEAD)
-    answer = tokenizer.encode(ANSWER.format(key=key))
-    tail = tokenizer.encode(NEEDLE_TAIL.format(key=key))
-    question = tokenizer.encode(QUESTION)
-    n_filler = filler_budget(tokenizer, length, key)
-    unit = tokenizer.encode(FILLER)
-    n_before = int(round(depth * n_filler))
-    before = _cyclic_tail(unit, n_before)
-    after = _cyclic_tail(unit, n_filler - n_before)
-    tokens = before + head + answer + tail + after + question
-    assert len(tokens) == length, (len(tokens), length)
-    return PasskeySample(
-        tokens=tokens,
-        key=key,
-        answer=answer,
-        needle_pos=n_before,
-        key_pos=n_before + len(head),
-        depth=n_before / n_filler if n_filler else 0.0,
-        n_filler=n_filler,
-    )
 
 
 def bucket_labels(n_buckets: int) -> list[str]:

@@ -165,6 +165,7 @@ class DataConfig:
     synthetic: bool = False  # generate the built-in corpus into the run dir and train on it
     tokenizer: str = "byte"  # 'byte' or a local Hugging Face tokenizer dir
     num_workers: int = 2  # DataLoader workers per rank
+    passkey_fraction: float = 0.0  # share of train samples replaced by passkey documents
 
 
 @dataclass
@@ -526,6 +527,8 @@ def _check_data_section(c: Config) -> None:
         _fail("data.split", d.split, "give up to 3 non-negative weights 'train,valid,test'")
     if d.synthetic and d.path:
         _fail("data.path", d.path, "must be empty with data.synthetic=true (or set it false)")
+    if not 0.0 <= d.passkey_fraction <= 1.0:
+        _fail("data.passkey_fraction", d.passkey_fraction, "must be in [0, 1] (0: no passkey)")
     if d.path:
         _blend_prefixes(d.path)
 

@@ -180,6 +180,14 @@ class Trainer:
             None,
             cache,
         )
+        if cfg.data.passkey_fraction > 0:  # validation stays the plain corpus
+            from ..data.passkey import PasskeyMixture
+            from ..data.tokenizer import get_tokenizer
+
+            self.train_ds = PasskeyMixture(
+                self.train_ds, cfg.data.passkey_fraction, get_tokenizer(cfg.data.tokenizer),
+                t.seq_length, cfg.run.seed,
+            )  # fmt: skip
         self.valid_long = {}
         for length in t.eval_lengths:
             if length != t.seq_length:
