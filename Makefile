@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fope-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test smoke lint format bench wheelhouse gpu-check clean
+.PHONY: install test smoke lint format bench wheelhouse gpu-check study study-gpu clean
 
 install: $(STAMP)
 
@@ -49,6 +49,14 @@ wheelhouse: install
 GPU_CHECK_ARGS ?=
 gpu-check:
 	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Issue 11's length-generalization study: CPU (tiny twins, ~60 min on 2 cores) / GPU (60M twins).
+STUDY_ARGS ?=
+study: install
+	$(PY) -m fope_megatron.study --out docs/results/study --runs-dir runs/study $(STUDY_ARGS)
+
+study-gpu:
+	scripts/length_study_gpu.sh $(STUDY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
