@@ -120,7 +120,9 @@ def run_study(args) -> dict:
             for seed in args.seeds:
                 for kind in ("rope", "fope"):
                     run_dir = Path(args.runs_dir) / corpus / f"{kind}_s{seed}"
-                    rows = [r for r, (k, _) in ROWS.items() if k == kind]
+                    rows = [r for r, (k, _) in ROWS.items() if k == kind and r in args.rows]
+                    if not rows:
+                        continue
                     evals = {r: out / "evals" / corpus / f"{r}_s{seed}" for r in rows}
                     if all((e / "eval.json").is_file() for e in evals.values()):
                         continue
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passkey-trials", type=int, default=20)
     p.add_argument("--ppl-chunks", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rows", default=",".join(ROWS), type=lambda s: s.split(","),
+                   help="evaluation rows (default: all seven)")  # fmt: skip
     p.add_argument("--nproc", type=int, default=1, help="ranks per training (torchrun on GPUs)")
     p.add_argument("--prose-docs", type=int, default=None, help="first N stdlib modules (tests)")
     p.add_argument("--train-override", nargs="*", default=[], help="extra dotted train keys")
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(args.corpora) - {"synthetic", "prose"}
     if bad:
         p.error(f"--corpora: unknown {sorted(bad)}; allowed: synthetic, prose")
+    if set(args.rows) - set(ROWS):
+        p.error(f"--rows: unknown {sorted(set(args.rows) - set(ROWS))}; allowed: {', '.join(ROWS)}")
     if args.lengths is None:
         args.lengths = [SCALES[args.scale]["train_len"] * f for f in (1, 2, 4, 8, 16)]
     result = run_study(args)
