@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+import torch
+
+# The fused-kernel tests run Triton's interpreter on CPU tensors. triton decides interpreted vs
+# compiled when its functions (tl.zeros, tl.sum, ...) are decorated, i.e. when triton is first
+# imported, which any test module may do during collection: so set it here, before all of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fope_megatron.testing.slurm import LocalSlurmCluster, local_cluster
 

@@ -185,8 +185,8 @@ def _fope_qk_kernel(
         Sn = tl.dot(sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision="ieee")
     else:
         # Only the D_out Fourier columns are mixed; the zero-frequency ones are constants.
-        C = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
-        Sn = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
+        C = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
+        Sn = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
         a_base = g * D_IN * D_OUT
         for kk in tl.static_range(D_IN):
             w_k = tl.load(W + kk).to(tl.float32)
@@ -196,8 +196,8 @@ def _fope_qk_kernel(
             C += tl.cos(ang)[:, None] * ac[None, :]
             Sn += tl.sin(ang)[:, None] * asn[None, :]
 
-    dC = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
-    dS = tl.zeros((BLOCK_S, OUT_P2), dtype=tl.float32)
+    dC = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
+    dS = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
     dC, dS = _rotate_heads(
         Q, OQ, GQ, s_idx, s_mask, jf, jr, pj, C, Sn, zero_freq_sin, g * QH_PER_G, QH_PER_G, B,
         sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
