@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
+from fope_megatron.config import Config, ConfigError, load_config
 from fope_megatron.fope import base_frequencies, default_d_out, floor_frequencies
 from fope_megatron.model.vocab import padded_vocab_size
 from fope_megatron.parallel.dims import ParallelDims
 from fope_megatron.plan_activations import activation_bytes
-from fope_megatron.train.config import Config, ConfigError, load_config
 
 GIB = 1024**3
 HEADER = re.compile(r"^#\s*fope-plan:\s*(.*)$", re.MULTILINE)

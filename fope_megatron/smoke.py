@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from .compat.warnings import quiet_known_warnings
 
     quiet_known_warnings()
-    from .train.config import load_config
+    from .config import load_config
     from .train.trainer import preflight, train
 
     overrides = list(sys.argv[1:] if argv is None else argv)

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fope_megatron.model.vocab import padded_vocab_size
-from fope_megatron.train.config import (
+from fope_megatron.config import (
     Config,
     ConfigError,
     check_data,
     check_vocab,
     load_config,
 )
+from fope_megatron.model.vocab import padded_vocab_size
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fope_megatron.config import load_config
 from fope_megatron.fope import FourierPositionEmbedding
 from fope_megatron.model.builder import fope_config, position_frequencies
-from fope_megatron.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fope_megatron.config import load_config
 from fope_megatron.plan import Layout, count_parameters, estimate, header_layout
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fope_megatron.checkpoint.extension import adapt_fope_coefficients
+from fope_megatron.config import ConfigError
 from fope_megatron.fope import FoPEConfig, FourierPositionEmbedding
 from fope_megatron.fope.scaling import scaled_frequencies, yarn_concentration
-from fope_megatron.train.config import ConfigError
 
 
 @pytest.mark.parametrize("dim, factor, original", [(64, 4.0, 128), (128, 8.0, 4096), (32, 2.0, 64)])

@@ -8,7 +8,7 @@ COMBOS = [("fope", None), ("fope", 2), ("rope", None), ("rope", 2), ("fope", 1)]
 
 
 def tiny(kind, groups, *extra):
-    from fope_megatron.train.config import load_config
+    from fope_megatron.config import load_config
 
     return load_config(
         None,

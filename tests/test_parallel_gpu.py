@@ -30,7 +30,7 @@ pytestmark = [
 
 
 def cfg_for(kind, precision, cp=1, extra=()):
-    from fope_megatron.train.config import load_config
+    from fope_megatron.config import load_config
 
     return load_config(
         None,

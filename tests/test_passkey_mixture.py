@@ -4,10 +4,10 @@ the evaluation's prompt format."""
 import pytest
 import torch
 
+from fope_megatron.config import ConfigError, load_config
 from fope_megatron.data.datasets import build_datasets
 from fope_megatron.data.passkey import NEEDLE_HEAD, QUESTION, PasskeyMixture
 from fope_megatron.data.tokenizer import get_tokenizer
-from fope_megatron.train.config import ConfigError, load_config
 
 SEQ = 128
 

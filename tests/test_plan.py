@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fope_megatron.config import ConfigError, load_config
 from fope_megatron.plan import (
     GIB,
     Layout,
@@ -26,7 +27,6 @@ from fope_megatron.plan import (
     plan,
 )
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.train.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TP1 = ["parallel.tp=1", "parallel.sp=false"]

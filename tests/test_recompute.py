@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
+from fope_megatron.config import ConfigError, load_config
 from fope_megatron.testing import launch
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.train.config import ConfigError, load_config
 
 STEPS = 5
 DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]

@@ -140,9 +140,9 @@ def test_eval_data_is_the_whole_prefix_or_a_file(corpus, tmp_path):
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from fope_megatron.config import load_config
     from fope_megatron.data.tokenizer import get_tokenizer
     from fope_megatron.eval.heldout import heldout_tokens
-    from fope_megatron.train.config import load_config
 
     tok = get_tokenizer("byte")
     cfg = load_config(None, [f"data.path=[{corpus}]", "data.split=100,0,0"])

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config  # the config schema only
 from ..errors import ConfigError
 from ..fope import FourierPositionEmbedding
-from ..train.config import Config  # the config schema only
 
 
 def fope_coefficient_keys(model: torch.nn.Module):

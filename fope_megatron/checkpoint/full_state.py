@@ -21,7 +21,7 @@ FULL_MODEL_FILE = "model_full.pt"
 
 def load_run_config(run_dir: str | Path):
     """The resolved ``Config`` a run was trained with (``RUN_DIR/config.yaml``)."""
-    from ..train.config import Config  # the config schema; nothing of the training loop
+    from ..config import Config  # the config schema; nothing of the training loop
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():

@@ -15,7 +15,7 @@ TINY_MODEL = [
 
 def tiny_config(kind: str, seq: int, *overrides: str):
     """2 layers, hidden 64, 4 heads (head_dim 16), FoPE sigma 0.5 with the floor of L=64."""
-    from fope_megatron.train.config import load_config
+    from fope_megatron.config import load_config
 
     return load_config(
         None,

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_known_warnings()
 
-    from .config import ConfigError, load_config
+    from ..config import ConfigError, load_config
     from .trainer import env_world_size, preflight
 
     try:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config
 from ..parallel.setup import comm_device, ensure_accelerator
-from .config import Config
 from .schedule import lr_at
 
 

@@ -19,7 +19,7 @@ import json
 import logging
 from pathlib import Path
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 log = logging.getLogger("fope")
 

@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 from ..checkpoint import store as checkpoint
 from ..checkpoint.full_state import FULL_MODEL_FILE
+from ..config import Config, ConfigError, check_data, check_vocab
 from ..parallel.setup import comm_device
 from . import resume
-from .config import Config, ConfigError, check_data, check_vocab
 from .engine import grad_norm
 from .guard import NONFINITE_EXIT_CODE, Guard
 from .metrics import MetricsLogger, Timer, flops_per_token, setup_logging

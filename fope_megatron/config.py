@@ -1,4 +1,5 @@
-"""Training configuration: nested dataclasses loaded from YAML with dotted command-line overrides.
+"""The run configuration (one schema for train/, eval/, checkpoint/ and fope-plan): nested
+dataclasses loaded from YAML with dotted command-line overrides.
 
 Precedence: ``key=value`` on the command line beats the YAML file, which beats the defaults
 below. Every value is type-checked against its field (int, float, bool, str, list, Optional,
@@ -25,7 +26,7 @@ import yaml
 from fope_megatron.errors import ConfigError
 from fope_megatron.parallel.dims import ParallelDims
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 @dataclass
@@ -496,7 +497,7 @@ def _check_sections(c: Config) -> None:
         _fail("position.beta_fast", p.beta_fast, f"must be > position.beta_slow={p.beta_slow}")
     _check_deepspeed(c)
     _check_data_section(c)
-    from ..model.recompute import check_recompute
+    from .model.recompute import check_recompute
 
     check_recompute(c)
 
