@@ -108,6 +108,8 @@ def eval_cmd(args, run_dir: Path, row: str, out: Path, heldout: str | None) -> l
 
 
 def run_study(args) -> dict:
+    if args.aggregate_only:
+        return {**aggregate(args.out, args.corpora, args.seeds, args.lengths), "elapsed_s": 0}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rows", default=",".join(ROWS), type=lambda s: s.split(","),
                    help="evaluation rows (default: all seven)")  # fmt: skip
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="only rebuild the tables and plots from the eval.json files present")  # fmt: skip
     p.add_argument("--nproc", type=int, default=1, help="ranks per training (torchrun on GPUs)")
     p.add_argument("--prose-docs", type=int, default=None, help="first N stdlib modules (tests)")
     p.add_argument("--train-override", nargs="*", default=[], help="extra dotted train keys")
