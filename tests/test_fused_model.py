@@ -92,10 +92,11 @@ TINY_ARGS = [
 ]
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has CUDA, where position.fusion=triton is valid"
+)
 def test_fusion_triton_without_cuda_is_a_config_error(tmp_path):
     """Asking for the kernel where it cannot run fails before any process group (exit 2)."""
-    if torch.cuda.is_available():
-        pytest.skip("reason: this machine has CUDA, where position.fusion=triton is valid")
     env = {"TRITON_INTERPRET": "0"}
     proc = launch.train(
         tmp_path / "bad", ["position.fusion=triton", *TINY_ARGS], launcher="python", nproc=1,

@@ -22,7 +22,6 @@ def evaluate_run(args) -> dict:
     from .loader import logits_fn
     from .passkey import evaluate_passkey
     from .perplexity import evaluate_perplexity
-    from .report import write_report
 
     # the data first: a bad --data fails before the model is built
     cfg = load_run_config(args.run)
@@ -53,6 +52,16 @@ def evaluate_run(args) -> dict:
             max_batch_size=args.batch_size, progress=not args.no_progress, greedy_fn=greedy,
         )  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
+    span = min(n_tokens, len(tokens))
+    return _report(
+        args, cfg, path, params, ppl, passkey, span, position_scaling=cfg.position.scaling
+    )
+
+
+def _report(args, cfg, path, params, ppl, passkey, span, **details) -> dict:
+    """``write_report`` with what every fope-eval run records, plus ``details``."""
+    from .report import write_report
+
     return write_report(
         args.out,
         perplexity=ppl,
@@ -66,10 +75,10 @@ def evaluate_run(args) -> dict:
             "run": str(args.run),
             "protocol": "sliding" if args.stride else "non-overlapping chunks",
             "stride": args.stride,
-            "ppl_tokens": int(min(n_tokens, len(tokens))),
+            "ppl_tokens": int(span),
             "passkey_trials": args.passkey_trials,
             "seed": args.seed,
-            "position_scaling": cfg.position.scaling,
+            **details,
         },
     )
 
@@ -81,7 +90,6 @@ def _evaluate_scaled(args, cfg, model, path, tokenizer, tokens, lengths, n_token
     from .loader import logits_fn
     from .passkey import evaluate_passkey
     from .perplexity import evaluate_perplexity
-    from .report import write_report
     from .scaled import build_scaled_model, scaling_factor
 
     train_len = cfg.fope.train_seq_len or cfg.train.seq_length
@@ -105,26 +113,11 @@ def _evaluate_scaled(args, cfg, model, path, tokenizer, tokens, lengths, n_token
             )  # fmt: skip
             for k, v in one.items():
                 passkey[k].update(v)
-    return write_report(
-        args.out,
-        perplexity=ppl,
-        passkey=passkey if args.passkey_trials > 0 else None,
-        train_seq_len=train_len,
-        checkpoint=str(path),
-        position_embedding=cfg.model.position_embedding,
-        params=params,
-        label=args.label,
-        details={
-            "run": str(args.run),
-            "protocol": "sliding" if args.stride else "non-overlapping chunks",
-            "stride": args.stride,
-            "ppl_tokens": int(span),
-            "passkey_trials": args.passkey_trials,
-            "seed": args.seed,
-            "position_scaling": args.position_scaling,
-            "scaling_factor": {str(L): f for L, f in factors.items()},
-        },
-    )
+    return _report(
+        args, cfg, path, params, ppl, passkey if args.passkey_trials > 0 else None, span,
+        position_scaling=args.position_scaling,
+        scaling_factor={str(L): f for L, f in factors.items()},
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
