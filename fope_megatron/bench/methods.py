@@ -48,10 +48,10 @@ def _quiet_import(name: str):
 
 def available_methods(device: torch.device) -> list[str]:
     """The methods that can run on ``device`` with what is installed."""
-    from ..fope.fusion import _interpreted, transformer_engine_available, triton_available
+    from ..fope.fusion import interpreted, transformer_engine_available, triton_available
 
     cuda = device.type == "cuda"
-    triton_ok = triton_available() and (cuda or _interpreted())
+    triton_ok = triton_available() and (cuda or interpreted())
     out = []
     for name in METHODS:
         if name in ("fope_fused", "fope_fused_dot", "rope_fused") and not triton_ok:

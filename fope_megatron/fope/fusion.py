@@ -13,6 +13,7 @@ Resolved once, before the model is built (:func:`resolve_fusion`), and recorded 
 from __future__ import annotations
 
 import importlib.util
+import os
 from functools import cache
 
 import torch
@@ -50,9 +51,8 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def _interpreted() -> bool:
-    import os
-
+def interpreted() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -78,7 +78,7 @@ def resolve_fusion(requested: str, kind: str, cuda: bool | None = None) -> str:
                 "position.fusion=triton but triton does not import; install triton "
                 "(pip install triton) or set position.fusion=torch"
             )
-        if not cuda and not _interpreted():
+        if not cuda and not interpreted():
             raise FusionError(
                 "position.fusion=triton needs CUDA (or TRITON_INTERPRET=1 to run the kernel on "
                 "the CPU, slowly); use position.fusion=auto or torch here"

@@ -33,17 +33,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .fusion import interpreted
+
 # 2*pi split for Cody-Waite reduction: _TWO_PI_A has 8 significant bits, so k * _TWO_PI_A is
 # exact in float32 for |k| < 2**16 (positions up to ~4e5 at w = 1).
 _TWO_PI_A = 6.28125
 _TWO_PI_B = 0.0019353071795864769253
 _TWO_PI_B32 = float(torch.tensor(_TWO_PI_B, dtype=torch.float32))
 _TWO_PI_C = float(2 * math.pi - _TWO_PI_A - _TWO_PI_B32)
-
-
-def interpreted() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _TWO_PI_C_CONST = tl.constexpr(_TWO_PI_C)
