@@ -19,7 +19,7 @@ def test_study_driver_tiny_budget(tmp_path):
         sys.executable, "-m", "fope_megatron.study", "--out", str(out), "--runs-dir", str(runs),
         "--corpora", "prose", "--seeds", "1", "--steps", "3", "--lengths", "128,256",
         "--passkey-trials", "2", "--ppl-chunks", "1", "--prose-docs", "30",
-        "--rows", ",".join(ROW_SET), "--train-override", "train.micro_batch_size=2",
+        "--rows", ",".join(ROW_SET), "--jobs", "2", "--train-override", "train.micro_batch_size=2",
         "train.global_batch_size=2", "train.warmup_steps=1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=launch.env(), capture_output=True, text=True, timeout=900)
@@ -42,6 +42,10 @@ def test_study_driver_tiny_budget(tmp_path):
     # training saw the prose train prefix; evaluation the held-out one
     cfg = (runs / "prose" / "rope_s1" / "config.yaml").read_text()
     assert "prose_train" in cfg and "passkey_fraction: 0.5" in cfg
+    # the twins ran side by side (--jobs 2), each with its own output log
+    assert {p.name for p in (runs / "logs").glob("prose_*.log")} == {
+        "prose_rope_s1.log", "prose_fope_s1.log"
+    }  # fmt: skip
     assert (out / "prose.png").stat().st_size > 0
     assert "| RoPE+dynamic-NTK | 1 |" in (out / "study.md").read_text()
     log = (runs / "study.log").read_text()
@@ -64,4 +68,7 @@ def test_aggregate_mean_and_min_max(tmp_path):
     assert res["FoPE"]["perplexity"][128] == {"mean": 3.0, "min": 2.0, "max": 4.0, "n": 3}
     assert res["FoPE"]["passkey"][128]["mean"] == 0.5
     assert res["FoPE"]["passkey_by_depth"][128] == {"0-0.5": 0.5, "0.5-1": None}
-    assert "| FoPE | 3 | 3.000 (2.000–4.000) |" in (tmp_path / "study.md").read_text()
+    md = (tmp_path / "study.md").read_text()
+    assert "| FoPE | 3 | 3.000 (2.000–4.000) |" in md
+    assert res["FoPE"]["passkey_per_seed"] == {1: {128: 1.0}, 2: {128: 0.5}, 3: {128: 0.0}}
+    assert "| FoPE | 2 | 0.50 |" in md and "| FoPE | 3 | 0.00 |" in md

@@ -37,14 +37,19 @@ def collect(out: Path, corpora, seeds, lengths) -> dict:
     for corpus in corpora:
         res[corpus] = {}
         for row in ROWS:
-            evals = []
+            by_seed = {}
             for s in seeds:
                 f = out / "evals" / corpus / f"{row}_s{s}" / "eval.json"
                 if f.is_file():
-                    evals.append(json.loads(f.read_text()))
-            if not evals:
+                    by_seed[s] = json.loads(f.read_text())
+            if not by_seed:
                 continue
+            evals = list(by_seed.values())
             r: dict = {"seeds": len(evals)}
+            r["passkey_per_seed"] = {
+                s: {L: e.get("passkey", {}).get(str(L)) for L in lengths}
+                for s, e in by_seed.items()
+            }
             for metric in METRICS:
                 r[metric] = {
                     L: _stats([e.get(metric, {}).get(str(L)) for e in evals]) for L in lengths
@@ -82,6 +87,14 @@ def markdown(res: dict, lengths, train_len: int) -> str:
                 cells = [_cell(r[metric][L], digits) for L in lengths]
                 lines.append(f"| {row} | {r['seeds']} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += [f"## {corpus}: passkey accuracy per seed", ""]
+        head = ["row", "seed"] + [f"{L} ({L // train_len}x)" for L in lengths]
+        lines += ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(lengths)]
+        for row, r in rows.items():
+            for seed, accs in r["passkey_per_seed"].items():
+                cells = ["–" if accs[L] is None else f"{accs[L]:.2f}" for L in lengths]
+                lines.append(f"| {row} | {seed} | " + " | ".join(cells) + " |")
+        lines.append("")
         lines += [f"## {corpus}: passkey accuracy by needle depth (mean over seeds)", ""]
         for row, r in rows.items():
             depth = r["passkey_by_depth"]
