@@ -156,9 +156,20 @@ def run_study(args) -> dict:
         _note(log, f"# study {time.strftime('%Y-%m-%d %H:%M:%S')}: {vars(args)}")
         prose = _prose(args, log) if "prose" in args.corpora else (None, None)
         chains = [(c, s, k) for c in args.corpora for s in args.seeds for k in ("rope", "fope")]
+        failed = threading.Event()  # a failed command stops the study: no further chain starts
+
+        def chain(corpus: str, seed: int, kind: str) -> None:
+            if failed.is_set():
+                return
+            try:
+                _chain(args, corpus, seed, kind, prose, log, out)
+            except BaseException:
+                failed.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(_chain, args, c, s, k, prose, log, out) for c, s, k in chains]
-            errors = [f.exception() for f in futures if f.exception() is not None]
+            futures = [pool.submit(chain, c, s, k) for c, s, k in chains]
+        errors = [f.exception() for f in futures if f.exception() is not None]
         _note(log, f"# elapsed {time.time() - t_start:.0f}s")
         if errors:
             raise errors[0]
