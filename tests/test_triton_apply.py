@@ -272,8 +272,8 @@ def test_interpreter_or_cuda():
 
 
 @pytest.mark.parametrize("name", ["gqa", "interleaved", "d_out_eq_half", "rotary_percent_0.5"])
-def test_dot_mixing_variant_equals_torch(name):
-    """``mix='dot'`` (tables as fp32 matrix products, opt-in until timed on a GPU) equals the torch
+def test_loop_mixing_variant_equals_torch(name):
+    """``mix='loop'`` (tables one frequency at a time; the default is ``dot``) equals the torch
     path in outputs, q/k gradients and, trainable, coefficient gradients."""
     heads, groups, d, L, extra = CASES[name]
     fope = _fope(heads, groups, d, L, learnable=True, **extra)
@@ -281,7 +281,7 @@ def test_dot_mixing_variant_equals_torch(name):
     q, k = _qk(37, 2, heads, groups, d)
     pos = torch.arange(37, device=DEVICE) + 700
     res = {}
-    for mix in ("dot", "torch"):
+    for mix in ("loop", "torch"):
         fope.zero_grad(set_to_none=True)
         q.grad = k.grad = None
         if mix == "torch":
@@ -291,9 +291,9 @@ def test_dot_mixing_variant_equals_torch(name):
             w = fope.frequencies[: fope.d_in]
             oq, ok = fope_apply_qk(
                 q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin, cfg.interleaved,
-                mix="dot",
+                mix="loop",
             )  # fmt: skip
         (((oq * oq).sum() + ok.sum()) / q.numel() ** 0.5).backward()
         res[mix] = (oq, ok, q.grad, k.grad, fope.coef_cos.grad, fope.coef_sin.grad)
-    for a, b in zip(res["dot"], res["torch"], strict=True):
+    for a, b in zip(res["loop"], res["torch"], strict=True):
         assert _maxdiff(a, b) <= 1e-5

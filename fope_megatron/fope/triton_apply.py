@@ -105,32 +105,27 @@ def _cols(
 
 @triton.jit
 def _rotate_heads(
-    X, Out, Gx, s_idx, s_mask, jf, jr, pj, C, Sn, zero_freq_sin, head0, n_heads, B,
+    X, Out, Gx, s_idx, s_mask, jh, pj, C, Sn, head0, B,
     sx_s, sx_b, sx_h, sx_d, so_s, so_b, so_h, so_d, sg_s, sg_b, sg_h, sg_d, dC, dS,
-    HALF: tl.constexpr, D_OUT: tl.constexpr, D_R: tl.constexpr, D_PASS: tl.constexpr,
+    N_HEADS: tl.constexpr, HALF: tl.constexpr, D_R: tl.constexpr, D_PASS: tl.constexpr,
     INTERLEAVED: tl.constexpr, SIGN: tl.constexpr, COEF_GRAD: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
-    """Heads ``[head0, head0 + n_heads)`` of every batch row: Fourier pairs ``jf < D_OUT`` with
-    the tables, constant pairs ``jr`` (``C = 1``, ``S = zero_freq_sin``), pass-through ``pj``."""
-    mf = s_mask[:, None] & (jf < D_OUT)[None, :]
-    mr = s_mask[:, None] & (jr < HALF)[None, :]
+    """Heads ``[head0, head0 + N_HEADS)`` of every batch row: all ``d_r/2`` pairs ``jh`` as one
+    aligned tile per half (the constant pairs already hold ``C = 1``, ``S = zero_freq_sin``),
+    pass-through dims ``pj`` copied."""
+    mh = s_mask[:, None] & (jh < HALF)[None, :]
     mp = s_mask[:, None] & (pj < D_PASS)[None, :]
     for bi in range(B):
-        for hh in range(n_heads):
+        for hh in tl.static_range(N_HEADS):
             h = head0 + hh
             xb = X + s_idx[:, None] * sx_s + bi * sx_b + h * sx_h
             ob = Out + s_idx[:, None] * so_s + bi * so_b + h * so_h
             gb = Gx + s_idx[:, None] * sg_s + bi * sg_b + h * sg_h
             dC, dS = _cols(
-                xb, ob, gb, jf, mf, C, Sn, sx_d, so_d, sg_d, dC, dS, Out,
+                xb, ob, gb, jh, mh, C, Sn, sx_d, so_d, sg_d, dC, dS, Out,
                 HALF, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
             )  # fmt: skip
-            if D_OUT < HALF:
-                _cols(
-                    xb, ob, gb, jr, mr, 1.0, zero_freq_sin, sx_d, so_d, sg_d, dC, dS, Out,
-                    HALF, INTERLEAVED, SIGN, False, ROUND_BF16,
-                )  # fmt: skip
             if D_PASS > 0:
                 xp = tl.load(xb + (D_R + pj[None, :]) * sx_d, mask=mp, other=0.0)
                 tl.store(ob + (D_R + pj[None, :]) * so_d, xp.to(Out.dtype.element_ty), mask=mp)
@@ -146,7 +141,7 @@ def _fope_qk_kernel(
     zero_freq_sin,
     QH_PER_G: tl.constexpr, KH_PER_G: tl.constexpr, N_GROUPS: tl.constexpr,
     D_R: tl.constexpr, D_PASS: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
-    OUT_P2: tl.constexpr, REST_P2: tl.constexpr, PASS_P2: tl.constexpr,
+    HALF_P2: tl.constexpr, PASS_P2: tl.constexpr,
     ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
     COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
     MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16,
@@ -156,61 +151,65 @@ def _fope_qk_kernel(
     HALF: tl.constexpr = D_R // 2
     s_idx = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_mask = s_idx < S
-    jf = tl.arange(0, OUT_P2)  # Fourier pairs (all pairs in the RoPE limit)
-    o_mask = jf < D_OUT
-    jr = D_OUT + tl.arange(0, REST_P2)  # zero-frequency pairs
+    # Every pair as one tile per half (aligned, vectorised loads); Fourier columns jh < D_OUT,
+    # zero-frequency constants beyond (all pairs are Fourier in the RoPE limit).
+    jh = tl.arange(0, HALF_P2)
+    f_mask = jh < D_OUT
     pj = tl.arange(0, PASS_P2)
     pos = tl.load(POS + s_idx, mask=s_mask, other=0).to(tl.float32)
 
     if ROPE:
-        w = tl.load(W + jf, mask=o_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + jh, mask=f_mask, other=0.0).to(tl.float32)
         ang = _reduce(pos[:, None] * w[None, :])
         C = tl.cos(ang)
         Sn = tl.sin(ang)
-    elif MIX_DOT:
-        # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
-        # product per table (IEEE fp32, no TF32): C = cos(p w) @ A_cos, S = sin(p w) @ A_sin.
-        ki = tl.arange(0, IN_P2)
-        k_mask = ki < D_IN
-        w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
-        ang = _reduce(pos[:, None] * w[None, :])
-        cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
-        sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
-        a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jf[None, :]
-        a_m = k_mask[:, None] & o_mask[None, :]
-        C = tl.dot(cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision="ieee")
-        Sn = tl.dot(sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision="ieee")
     else:
-        # Only the D_out Fourier columns are mixed; the zero-frequency ones are constants.
-        C = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
-        Sn = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
-        a_base = g * D_IN * D_OUT
-        for kk in tl.static_range(D_IN):
-            w_k = tl.load(W + kk).to(tl.float32)
-            ang = _reduce(pos * w_k)
-            ac = tl.load(ACOS + a_base + kk * D_OUT + jf, mask=o_mask, other=0.0)
-            asn = tl.load(ASIN + a_base + kk * D_OUT + jf, mask=o_mask, other=0.0)
-            C += tl.cos(ang)[:, None] * ac[None, :]
-            Sn += tl.sin(ang)[:, None] * asn[None, :]
+        if MIX_DOT:
+            # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
+            # product per table (IEEE fp32, no TF32): C = cos(p w) @ A_cos, S = sin(p w) @ A_sin.
+            ki = tl.arange(0, IN_P2)
+            k_mask = ki < D_IN
+            w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
+            ang = _reduce(pos[:, None] * w[None, :])
+            cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
+            sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
+            a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
+            a_m = k_mask[:, None] & f_mask[None, :]
+            C = tl.dot(cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision="ieee")
+            Sn = tl.dot(sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision="ieee")
+        else:
+            C = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+            Sn = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+            a_base = g * D_IN * D_OUT
+            for kk in tl.static_range(D_IN):
+                w_k = tl.load(W + kk).to(tl.float32)
+                ang = _reduce(pos * w_k)
+                ac = tl.load(ACOS + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
+                asn = tl.load(ASIN + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
+                C += tl.cos(ang)[:, None] * ac[None, :]
+                Sn += tl.sin(ang)[:, None] * asn[None, :]
+        C = tl.where(f_mask[None, :], C, 1.0)
+        Sn = tl.where(f_mask[None, :], Sn, zero_freq_sin)
 
-    dC = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
-    dS = tl.full((BLOCK_S, OUT_P2), 0.0, tl.float32)
+    dC = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+    dS = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
     dC, dS = _rotate_heads(
-        Q, OQ, GQ, s_idx, s_mask, jf, jr, pj, C, Sn, zero_freq_sin, g * QH_PER_G, QH_PER_G, B,
+        Q, OQ, GQ, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
         sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
-        dC, dS, HALF, D_OUT, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+        dC, dS, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
     )  # fmt: skip
     dC, dS = _rotate_heads(
-        K, OK, GK, s_idx, s_mask, jf, jr, pj, C, Sn, zero_freq_sin, g * KH_PER_G, KH_PER_G, B,
+        K, OK, GK, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
         sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
-        dC, dS, HALF, D_OUT, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+        dC, dS, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
     )  # fmt: skip
 
     if COEF_GRAD:
-        # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0).
+        # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0;
+        # the constant columns j >= D_OUT are not stored).
         out_base = ((pid_s * N_GROUPS + g) * D_IN) * D_OUT
         if MIX_DOT:
-            p_off = out_base + ki[:, None] * D_OUT + jf[None, :]
+            p_off = out_base + ki[:, None] * D_OUT + jh[None, :]
             pc = tl.dot(tl.trans(cos_t), dC, input_precision="ieee")
             tl.store(DACOS + p_off, pc, mask=a_m)
             tl.store(DASIN + p_off, tl.dot(tl.trans(sin_t), dS, input_precision="ieee"), mask=a_m)
@@ -219,8 +218,8 @@ def _fope_qk_kernel(
             ang = _reduce(pos * w_k)
             pc = tl.sum(tl.cos(ang)[:, None] * dC, axis=0)
             ps = tl.sum(tl.sin(ang)[:, None] * dS, axis=0)
-            tl.store(DACOS + out_base + kk * D_OUT + jf, pc, mask=o_mask)
-            tl.store(DASIN + out_base + kk * D_OUT + jf, ps, mask=o_mask)
+            tl.store(DACOS + out_base + kk * D_OUT + jh, pc, mask=f_mask)
+            tl.store(DASIN + out_base + kk * D_OUT + jh, ps, mask=f_mask)
 
 
 def _configs() -> list[triton.Config]:
@@ -230,7 +229,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_S": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_S": bs}, num_warps=nw)
-        for bs, nw in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8))
+        for bs, nw in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
     ]
 
 
@@ -287,7 +286,7 @@ def _launch(
     interleaved: bool,
     sign: int,
     grad_inputs: tuple[Tensor, Tensor] | None = None,
-    mix: str = "loop",
+    mix: str = "dot",
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """One launch over (position blocks, groups). ``a_cos is None``: RoPE limit."""
     s, b, hq, d = x_q.shape
@@ -315,8 +314,7 @@ def _launch(
         D_PASS=d_pass,
         D_IN=d_in,
         D_OUT=d_out,
-        OUT_P2=max(16 if dot else 1, triton.next_power_of_2(d_out)),
-        REST_P2=triton.next_power_of_2(max(half - d_out, 1)),
+        HALF_P2=max(16 if dot else 1, triton.next_power_of_2(half)),
         PASS_P2=triton.next_power_of_2(max(d_pass, 1)),
         ROPE=rope,
         INTERLEAVED=bool(interleaved),
@@ -391,7 +389,7 @@ def fope_apply_qk(
     rotary_dim: int,
     zero_freq_sin: float = 1.0,
     interleaved: bool = False,
-    mix: str = "loop",
+    mix: str = "dot",
 ) -> tuple[Tensor, Tensor]:
     """Fused FoPE on ``q`` ``[s, b, Hq, d]`` and ``k`` ``[s, b, Hk, d]`` (any strides).
 
@@ -402,10 +400,10 @@ def fope_apply_qk(
             local query head ``h`` uses group ``h // (Hq / n_groups)``, key head ``h`` group
             ``h // (Hk / n_groups)``.
         rotary_dim: ``d_r``; dims beyond it pass through.
-        mix: how the tables are formed in registers: ``loop`` (one ``D_in`` step at a time, the
-            variant measured on the H100 in docs/results/gpu) or ``dot`` (cos/sin of the whole
-            ``[block, D_in]`` angle tile, then an fp32 ``tl.dot`` with the coefficients; no
-            replicated trigonometry; not yet timed on a GPU).
+        mix: how the tables are formed in registers: ``dot`` (default: cos/sin of the whole
+            ``[block, D_in]`` angle tile once per element, then an fp32 ``tl.dot`` with the
+            coefficients) or ``loop`` (one ``D_in`` step at a time; each ``cos/sin(p w_k)`` is
+            a row vector that Triton's layout evaluates once per thread holding that row).
 
     Returns ``(q', k')``, new contiguous tensors of q's dtype; math in float32.
     """
