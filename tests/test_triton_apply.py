@@ -271,29 +271,42 @@ def test_interpreter_or_cuda():
     assert DEVICE.type == "cuda" or interpreted()
 
 
+@pytest.mark.parametrize("mix", ["loop", "dot_tf32x3"])
 @pytest.mark.parametrize("name", ["gqa", "interleaved", "d_out_eq_half", "rotary_percent_0.5"])
-def test_loop_mixing_variant_equals_torch(name):
-    """``mix='loop'`` (tables one frequency at a time; the default is ``dot``) equals the torch
-    path in outputs, q/k gradients and, trainable, coefficient gradients."""
+def test_mixing_variants_equal_torch(name, mix):
+    """``mix='loop'`` (tables one frequency at a time) and ``'dot_tf32x3'`` (the table product on
+    tensor cores; the default is the IEEE fp32 ``dot``) equal the torch path in outputs, q/k
+    gradients and, trainable, coefficient gradients."""
     heads, groups, d, L, extra = CASES[name]
     fope = _fope(heads, groups, d, L, learnable=True, **extra)
     cfg = fope.config
     q, k = _qk(37, 2, heads, groups, d)
     pos = torch.arange(37, device=DEVICE) + 700
     res = {}
-    for mix in ("loop", "torch"):
+    for way in (mix, "torch"):
         fope.zero_grad(set_to_none=True)
         q.grad = k.grad = None
-        if mix == "torch":
+        if way == "torch":
             oq, ok = fope.apply_qk(q, k, pos, 1)
         else:
             a_cos, a_sin = fope._local(1, None)
             w = fope.frequencies[: fope.d_in]
             oq, ok = fope_apply_qk(
                 q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin, cfg.interleaved,
-                mix="loop",
+                mix=mix,
             )  # fmt: skip
         (((oq * oq).sum() + ok.sum()) / q.numel() ** 0.5).backward()
-        res[mix] = (oq, ok, q.grad, k.grad, fope.coef_cos.grad, fope.coef_sin.grad)
-    for a, b in zip(res["loop"], res["torch"], strict=True):
+        res[way] = (oq, ok, q.grad, k.grad, fope.coef_cos.grad, fope.coef_sin.grad)
+    for a, b in zip(res[mix], res["torch"], strict=True):
         assert _maxdiff(a, b) <= 1e-5
+
+
+def test_unknown_mix_is_a_clear_error(monkeypatch):
+    """A bad ``FOPE_TRITON_MIX`` names the variable and the allowed values before any launch."""
+    fope = _fope(8, 2, 32, 64)
+    q, k = _qk(16, 1, 8, 2, 32)
+    a_cos, a_sin = fope._local(0, None)
+    w = fope.frequencies[: fope.d_in]
+    monkeypatch.setenv("FOPE_TRITON_MIX", "fast")
+    with pytest.raises(ValueError, match="FOPE_TRITON_MIX.*dot_tf32x3"):
+        fope_apply_qk(q, k, torch.arange(16, device=DEVICE), w, a_cos, a_sin, 32)

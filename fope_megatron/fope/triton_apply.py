@@ -144,7 +144,7 @@ def _fope_qk_kernel(
     HALF_P2: tl.constexpr, PASS_P2: tl.constexpr,
     ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
     COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
-    MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16,
+    MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16, DOT_PREC: tl.constexpr = "ieee",
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     g = tl.program_id(1)
@@ -166,7 +166,8 @@ def _fope_qk_kernel(
     else:
         if MIX_DOT:
             # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
-            # product per table (IEEE fp32, no TF32): C = cos(p w) @ A_cos, S = sin(p w) @ A_sin.
+            # product per table: C = cos(p w) @ A_cos, S = sin(p w) @ A_sin, in IEEE fp32 (FMA
+            # units) or 3xTF32 (tensor cores, split operands: about fp32 accuracy).
             ki = tl.arange(0, IN_P2)
             k_mask = ki < D_IN
             w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
@@ -175,8 +176,8 @@ def _fope_qk_kernel(
             sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
             a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
             a_m = k_mask[:, None] & f_mask[None, :]
-            C = tl.dot(cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision="ieee")
-            Sn = tl.dot(sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision="ieee")
+            C = tl.dot(cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC)
+            Sn = tl.dot(sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC)
         else:
             C = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
             Sn = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
@@ -229,7 +230,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_S": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_S": bs}, num_warps=nw)
-        for bs, nw in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
+        for bs, nw in ((16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
     ]
 
 
@@ -237,6 +238,9 @@ _fope_qk_tuned = triton.autotune(
     configs=_configs(),
     key=["S", "B", "QH_PER_G", "KH_PER_G", "N_GROUPS", "D_R", "D_IN", "D_OUT", "ROPE", "SIGN"],
 )(_fope_qk_kernel)
+
+MIXES = ("dot", "dot_tf32x3", "loop")
+"""How the fused kernel forms its tables (see :func:`fope_apply_qk`)."""
 
 # The coefficient-gradient launch writes per-block partials, so it runs one fixed block size.
 _COEF_GRAD_BLOCK = 16
@@ -303,9 +307,10 @@ def _launch(
     dummy = w  # unused pointer arguments (constexpr-disabled branches)
     coef = (dummy, dummy) if rope else (a_cos, a_sin)
     gq, gk = grad_inputs if grad_inputs is not None else (x_q, x_k)
-    dot = mix == "dot" and not rope  # tl.dot needs every dim >= 16: pad D_in, D_out, BLOCK_S
+    dot = mix != "loop" and not rope  # tl.dot needs every dim >= 16: pad D_in, HALF, BLOCK_S
     common = dict(
         MIX_DOT=dot,
+        DOT_PREC="tf32x3" if mix == "dot_tf32x3" else "ieee",
         IN_P2=max(16, triton.next_power_of_2(d_in)),
         QH_PER_G=hq // n_groups,
         KH_PER_G=hk // n_groups,
@@ -389,7 +394,7 @@ def fope_apply_qk(
     rotary_dim: int,
     zero_freq_sin: float = 1.0,
     interleaved: bool = False,
-    mix: str = "dot",
+    mix: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused FoPE on ``q`` ``[s, b, Hq, d]`` and ``k`` ``[s, b, Hk, d]`` (any strides).
 
@@ -400,10 +405,12 @@ def fope_apply_qk(
             local query head ``h`` uses group ``h // (Hq / n_groups)``, key head ``h`` group
             ``h // (Hk / n_groups)``.
         rotary_dim: ``d_r``; dims beyond it pass through.
-        mix: how the tables are formed in registers: ``dot`` (default: cos/sin of the whole
-            ``[block, D_in]`` angle tile once per element, then an fp32 ``tl.dot`` with the
-            coefficients) or ``loop`` (one ``D_in`` step at a time; each ``cos/sin(p w_k)`` is
-            a row vector that Triton's layout evaluates once per thread holding that row).
+        mix: how the tables are formed in registers (default: ``$FOPE_TRITON_MIX``, else
+            ``dot``): ``dot`` (cos/sin of the whole ``[block, D_in]`` angle tile once per
+            element, then an IEEE fp32 ``tl.dot`` with the coefficients), ``dot_tf32x3`` (the
+            same product on tensor cores as 3xTF32) or ``loop`` (one ``D_in`` step at a time;
+            each ``cos/sin(p w_k)`` is a row vector that Triton's layout evaluates once per
+            thread holding that row).
 
     Returns ``(q', k')``, new contiguous tensors of q's dtype; math in float32.
     """
@@ -419,8 +426,10 @@ def fope_apply_qk(
     _check(q, k, positions, a_cos.shape[0], rotary_dim)
     if a_cos.dtype != torch.float32 or a_sin.dtype != torch.float32:
         raise ValueError(f"coefficients must be float32, got {a_cos.dtype} / {a_sin.dtype}")
-    if mix not in ("loop", "dot"):
-        raise ValueError(f"mix={mix!r} unknown; allowed: loop, dot")
+    if mix is None:
+        mix = os.environ.get("FOPE_TRITON_MIX") or "dot"
+    if mix not in MIXES:
+        raise ValueError(f"mix={mix!r} (argument or FOPE_TRITON_MIX) unknown; allowed: {MIXES}")
     return _FusedFoPE.apply(
         q, k, positions, w_in.float().contiguous(), a_cos.contiguous(), a_sin.contiguous(),
         int(rotary_dim), float(zero_freq_sin), bool(interleaved), mix,
