@@ -41,3 +41,15 @@ def test_bench_apply_runs_and_memory_check_holds(tmp_path, capsys, groups, dtype
 def test_bench_apply_rejects_bad_groups():
     with pytest.raises(SystemExit):
         main(["--heads", "4", "--groups", "3", "--repeats", "1"])
+
+
+def test_profile_apply_lists_the_fused_kernels(capsys):
+    """The GPU diagnosis script runs end to end (CPU: through the Triton interpreter) and its
+    profile shows the fused autograd function of each method, forward and backward."""
+    from fope_megatron.bench.profile_apply import main as profile_main
+
+    assert profile_main(["--device", "cpu", "--seq", "16", "--iters", "1",
+                         "--methods", "fope_fused,fope_fused_narrow"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("_FusedFoPEBackward") >= 2
+    assert "## fope_fused_narrow, s=16" in out and "## autotune choices" in out

@@ -14,6 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton  # noqa: E402
+
 from fope_megatron.fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables  # noqa: E402
 from fope_megatron.fope.math import apply_tables  # noqa: E402
 from fope_megatron.fope.triton_apply import fope_apply_qk, interpreted  # noqa: E402
@@ -271,15 +273,26 @@ def test_interpreter_or_cuda():
     assert DEVICE.type == "cuda" or interpreted()
 
 
-@pytest.mark.parametrize("mix", ["loop", "dot_tf32x3"])
-@pytest.mark.parametrize("name", ["gqa", "interleaved", "d_out_eq_half", "rotary_percent_0.5"])
+# head_dim 64: the Fourier columns fill half the pairs' tile, so ``dot_narrow`` really narrows
+VARIANT_CASES = {
+    **{n: CASES[n] for n in ("gqa", "interleaved", "d_out_eq_half", "rotary_percent_0.5")},
+    "d64": (4, 2, 64, 24, {}),
+    "d64_interleaved": (4, 2, 64, 24, {"interleaved": True}),
+}
+
+
+@pytest.mark.parametrize("mix", ["loop", "dot_tf32x3", "dot_narrow"])
+@pytest.mark.parametrize("name", sorted(VARIANT_CASES))
 def test_mixing_variants_equal_torch(name, mix):
-    """``mix='loop'`` (tables one frequency at a time) and ``'dot_tf32x3'`` (the table product on
-    tensor cores; the default is the IEEE fp32 ``dot``) equal the torch path in outputs, q/k
+    """``mix='loop'`` (tables one frequency at a time), ``'dot_tf32x3'`` (the table product on
+    tensor cores) and ``'dot_narrow'`` (the product over the Fourier columns only, then widened;
+    the default is the IEEE fp32 ``dot`` over all pairs) equal the torch path in outputs, q/k
     gradients and, trainable, coefficient gradients."""
-    heads, groups, d, L, extra = CASES[name]
+    heads, groups, d, L, extra = VARIANT_CASES[name]
     fope = _fope(heads, groups, d, L, learnable=True, **extra)
     cfg = fope.config
+    if name.startswith("d64"):  # the narrow branch's condition: 2 x pow2(D_out) = d_r / 2
+        assert 2 * max(16, triton.next_power_of_2(fope.d_out)) == cfg.rotary_dim // 2
     q, k = _qk(37, 2, heads, groups, d)
     pos = torch.arange(37, device=DEVICE) + 700
     res = {}

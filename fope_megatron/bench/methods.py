@@ -10,6 +10,7 @@ Methods (``available_methods`` says which run here):
   tables formed with an fp32 ``tl.dot`` (``mix='dot'``, the default).
 - ``fope_fused_loop``: the same kernel forming its tables one frequency at a time (``mix='loop'``).
 - ``fope_fused_tf32x3``: the same kernel with the table product on tensor cores (3xTF32).
+- ``fope_fused_narrow``: the same kernel multiplying only the Fourier columns (``dot_narrow``).
 - ``fope_torch``: the torch reference path (float32 tables, then apply).
 - ``rope_fused``: the same Triton kernel in its RoPE limit.
 - ``rope_te``: transformer-engine's fused RoPE through megatron-core (q and k calls summed).
@@ -34,6 +35,7 @@ METHODS = (
     "fope_fused",
     "fope_fused_loop",
     "fope_fused_tf32x3",
+    "fope_fused_narrow",
     "fope_torch",
     "rope_fused",
     "rope_te",
@@ -100,19 +102,25 @@ def build_step(
         )
         fope = FourierPositionEmbedding(cfg).to(device)
         fusion = "torch" if name == "fope_torch" else "triton"
-        if name in ("fope_fused_loop", "fope_fused_tf32x3"):
+        if name in ("fope_fused_loop", "fope_fused_tf32x3", "fope_fused_narrow"):
             from ..fope.triton_apply import fope_apply_qk
 
             a_cos, a_sin = fope.coef_cos[0], fope.coef_sin[0]
             w_in = fope.frequencies[: fope.d_in]
-            mix = name.removeprefix("fope_fused_").replace("tf32x3", "dot_tf32x3")
+            mix = {"loop": "loop", "tf32x3": "dot_tf32x3", "narrow": "dot_narrow"}[
+                name.removeprefix("fope_fused_")
+            ]
 
             def variant_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                 return fope_apply_qk(
                     q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix=mix
                 )  # fmt: skip
 
-            return variant_step, {"d_in": fope.d_in, "d_out": fope.d_out, "rotary_dim": cfg.rotary_dim}
+            return variant_step, {
+                "d_in": fope.d_in,
+                "d_out": fope.d_out,
+                "rotary_dim": cfg.rotary_dim,
+            }
 
         def fope_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
             return fope.apply_qk(q, k, positions, 0, fusion=fusion)

@@ -145,6 +145,7 @@ def _fope_qk_kernel(
     ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
     COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
     MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16, DOT_PREC: tl.constexpr = "ieee",
+    NARROW: tl.constexpr = False, OUT_P2: tl.constexpr = 16,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     g = tl.program_id(1)
@@ -174,10 +175,30 @@ def _fope_qk_kernel(
             ang = _reduce(pos[:, None] * w[None, :])
             cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
             sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
-            a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
             a_m = k_mask[:, None] & f_mask[None, :]
-            C = tl.dot(cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC)
-            Sn = tl.dot(sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC)
+            if NARROW:
+                # Only the OUT_P2 = HALF_P2 / 2 Fourier columns are multiplied; the tile is then
+                # widened with constant columns ([c | 1] side by side).
+                jo = tl.arange(0, OUT_P2)
+                n_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jo[None, :]
+                n_m = k_mask[:, None] & (jo < D_OUT)[None, :]
+                c_n = tl.dot(
+                    cos_t, tl.load(ACOS + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
+                )
+                s_n = tl.dot(
+                    sin_t, tl.load(ASIN + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
+                )
+                one = tl.full((BLOCK_S, OUT_P2), 1.0, tl.float32)
+                C = tl.reshape(tl.permute(tl.join(c_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
+                Sn = tl.reshape(tl.permute(tl.join(s_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
+            else:
+                a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
+                C = tl.dot(
+                    cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
+                )
+                Sn = tl.dot(
+                    sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
+                )
         else:
             C = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
             Sn = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
@@ -239,7 +260,7 @@ _fope_qk_tuned = triton.autotune(
     key=["S", "B", "QH_PER_G", "KH_PER_G", "N_GROUPS", "D_R", "D_IN", "D_OUT", "ROPE", "SIGN"],
 )(_fope_qk_kernel)
 
-MIXES = ("dot", "dot_tf32x3", "loop")
+MIXES = ("dot", "dot_tf32x3", "dot_narrow", "loop")
 """How the fused kernel forms its tables (see :func:`fope_apply_qk`)."""
 
 # The coefficient-gradient launch writes per-block partials, so it runs one fixed block size.
@@ -308,8 +329,12 @@ def _launch(
     coef = (dummy, dummy) if rope else (a_cos, a_sin)
     gq, gk = grad_inputs if grad_inputs is not None else (x_q, x_k)
     dot = mix != "loop" and not rope  # tl.dot needs every dim >= 16: pad D_in, HALF, BLOCK_S
+    half_p2 = max(16 if dot else 1, triton.next_power_of_2(half))
+    out_p2 = max(16, triton.next_power_of_2(d_out))
     common = dict(
         MIX_DOT=dot,
+        NARROW=dot and mix == "dot_narrow" and 2 * out_p2 == half_p2,
+        OUT_P2=out_p2,
         DOT_PREC="tf32x3" if mix == "dot_tf32x3" else "ieee",
         IN_P2=max(16, triton.next_power_of_2(d_in)),
         QH_PER_G=hq // n_groups,
@@ -319,7 +344,7 @@ def _launch(
         D_PASS=d_pass,
         D_IN=d_in,
         D_OUT=d_out,
-        HALF_P2=max(16 if dot else 1, triton.next_power_of_2(half)),
+        HALF_P2=half_p2,
         PASS_P2=triton.next_power_of_2(max(d_pass, 1)),
         ROPE=rope,
         INTERLEAVED=bool(interleaved),
@@ -408,7 +433,8 @@ def fope_apply_qk(
         mix: how the tables are formed in registers (default: ``$FOPE_TRITON_MIX``, else
             ``dot``): ``dot`` (cos/sin of the whole ``[block, D_in]`` angle tile once per
             element, then an IEEE fp32 ``tl.dot`` with the coefficients), ``dot_tf32x3`` (the
-            same product on tensor cores as 3xTF32) or ``loop`` (one ``D_in`` step at a time;
+            same product on tensor cores as 3xTF32), ``dot_narrow`` (the product over the
+            Fourier columns only, then widened, where they fill half the pairs) or ``loop`` (one ``D_in`` step at a time;
             each ``cos/sin(p w_k)`` is a row vector that Triton's layout evaluates once per
             thread holding that row).
 
