@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fope_megatron.study.aggregate import ROWS, aggregate
 from fope_megatron.testing import launch
 
@@ -17,7 +19,8 @@ def test_study_driver_tiny_budget(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     cmd = [
         sys.executable, "-m", "fope_megatron.study", "--out", str(out), "--runs-dir", str(runs),
-        "--corpora", "prose", "--seeds", "1", "--steps", "3", "--lengths", "128,256",
+        "--corpora", "prose", "--seeds", "1", "--steps", "7", "--prose-steps", "3",
+        "--lengths", "128,256",
         "--passkey-trials", "2", "--ppl-chunks", "1", "--prose-docs", "30",
         "--rows", ",".join(ROW_SET), "--jobs", "2", "--train-override", "train.micro_batch_size=2",
         "train.global_batch_size=2", "train.warmup_steps=1",
@@ -50,6 +53,11 @@ def test_study_driver_tiny_budget(tmp_path):
     assert "| RoPE+dynamic-NTK | 1 |" in (out / "study.md").read_text()
     log = (runs / "study.log").read_text()
     assert "--data " + str(runs / "prose" / "prose_heldout") in log
+    # the prose twins trained --prose-steps (not --steps), recorded with the elapsed time
+    assert log.count("train.steps=3") == 2 and "train.steps=7" not in log
+    assert json.loads((out / "timing.json").read_text())["train_steps"] == {
+        "synthetic": 7, "prose": 3
+    }  # fmt: skip
     # a second call finds every eval.json and trains nothing
     again = subprocess.run(cmd, env=launch.env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
@@ -72,3 +80,17 @@ def test_aggregate_mean_and_min_max(tmp_path):
     assert "| FoPE | 3 | 3.000 (2.000–4.000) |" in md
     assert res["FoPE"]["passkey_per_seed"] == {1: {128: 1.0}, 2: {128: 0.5}, 3: {128: 0.0}}
     assert "| FoPE | 2 | 0.50 |" in md and "| FoPE | 3 | 0.00 |" in md
+
+
+def test_steps_defaults_and_errors():
+    """Tiny defaults 3000 synthetic / 1500 prose; --steps alone sets both; bad counts exit 2."""
+    from fope_megatron.study.__main__ import main, resolve_steps
+
+    assert resolve_steps("tiny", None, None) == (3000, 1500)
+    assert resolve_steps("tiny", 40, None) == (40, 40)
+    assert resolve_steps("tiny", None, 20) == (3000, 20)
+    assert resolve_steps("paper", None, None) == (None, None)
+    for bad in (["--steps", "0"], ["--prose-steps", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2

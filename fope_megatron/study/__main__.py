@@ -185,6 +185,16 @@ def run_study(args) -> dict:
     return result
 
 
+def resolve_steps(
+    scale: str, steps: int | None, prose_steps: int | None
+) -> tuple[int | None, int | None]:
+    """``(synthetic, prose)`` training steps: the scale's defaults, or ``--steps`` for both
+    corpora unless ``--prose-steps`` is given too (None: the config's own)."""
+    if prose_steps is None:
+        prose_steps = SCALES[scale]["prose_steps"] if steps is None else steps
+    return (SCALES[scale]["steps"] if steps is None else steps), prose_steps
+
+
 def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(prog="fope-study", description=__doc__,
@@ -220,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--corpora: unknown {sorted(bad)}; allowed: synthetic, prose")
     scale = SCALES[args.scale]
-    if args.prose_steps is None:
-        args.prose_steps = scale["prose_steps"] if args.steps is None else args.steps
-    args.steps = scale["steps"] if args.steps is None else args.steps
+    args.steps, args.prose_steps = resolve_steps(args.scale, args.steps, args.prose_steps)
     for flag, v in (("--steps", args.steps), ("--prose-steps", args.prose_steps)):
         if v is not None and v < 1:
             p.error(f"{flag}: must be >= 1, got {v}")
