@@ -50,7 +50,7 @@ GPU_CHECK_ARGS ?=
 gpu-check:
 	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
-# Issue 11's length-generalization study: CPU (tiny twins, 50 min measured on 2 cores) / GPU (60M twins).
+# Issue 11's length-generalization study: CPU (tiny twins, 61 min measured on 2 cores) / GPU (60M twins).
 STUDY_ARGS ?=
 study: install
 	$(PY) -m fope_megatron.study --out docs/results/study --runs-dir runs/study $(STUDY_ARGS)
