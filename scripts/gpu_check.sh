@@ -112,8 +112,8 @@ status=0
 if has tests; then
   say "pytest: kernel tests on CUDA + gpu-marked tests"
   rc=0
-  read -r -a sel <<< "${GPU_CHECK_PYTEST_ARGS:-tests/test_triton_apply.py tests/test_fused_model.py tests/test_parallel_gpu.py}"
-  FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$P" -m pytest -q -p no:cacheprovider \
+  read -r -a sel <<< "${GPU_CHECK_PYTEST_ARGS:-tests/test_triton_apply.py tests/test_parallel_gpu.py}"
+  FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-90}" "$P" -m pytest -q -p no:cacheprovider \
     -m "not slurm" "${sel[@]}" > "$out/pytest.log" 2>&1 || rc=$?
   tail -25 "$out/pytest.log"
   [ "$rc" = 0 ] || { echo "pytest exited $rc"; status=1; }
@@ -122,7 +122,7 @@ fi
 # ---------------------------------------------------------------- benchmark
 if has bench; then
   say "benchmark suite (bf16, q [s,1,32,128], k [s,1,8,128], s 4096/8192)"
-  timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" "$P" -m fope_megatron.bench.apply --suite --device cuda --dtype bf16 --repeats 30 --warmup 5 \
+  timeout "${GPU_CHECK_BENCH_TIMEOUT:-150}" "$P" -m fope_megatron.bench.apply --suite --device cuda --dtype bf16 --repeats 30 --warmup 5 \
     --json "$out/bench.json" || status=1
 fi
 
@@ -143,7 +143,7 @@ if has train; then
     kind=${name%%_*}; fusion=${name#*_}; [ "$fusion" = fused ] && fusion=triton
     say "train $name: llama_1b_$kind, $layers layers, seq $seq, micro $micro, $steps steps, bf16"
     rm -rf "${runs:?}/$name"
-    timeout "${GPU_CHECK_TRAIN_TIMEOUT:-240}" "$P" -m fope_megatron.train --config "configs/llama_1b_$kind.yaml" \
+    timeout "${GPU_CHECK_TRAIN_TIMEOUT:-90}" "$P" -m fope_megatron.train --config "configs/llama_1b_$kind.yaml" \
       run.dir="$runs/$name" run.tensorboard=false run.log_interval=5 \
       model.num_layers="$layers" train.seq_length="$seq" train.micro_batch_size="$micro" \
       train.global_batch_size="$micro" train.steps="$steps" train.warmup_steps=5 \

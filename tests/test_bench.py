@@ -53,3 +53,16 @@ def test_profile_apply_lists_the_fused_kernels(capsys):
     out = capsys.readouterr().out
     assert out.count("_FusedFoPEBackward") >= 2
     assert "## fope_fused_narrow, s=16" in out and "## autotune choices" in out
+
+
+def test_suite_times_the_kernel_variants_only_when_asked():
+    """The suite's default methods leave out the table-mixing variants (slow to autotune, and
+    the GPU check must fit one call); ``variants=True`` (or naming them) brings them in."""
+    import torch
+
+    from fope_megatron.bench.methods import VARIANTS, available_methods
+
+    cpu = torch.device("cpu")
+    assert not set(VARIANTS) & set(available_methods(cpu))
+    assert set(VARIANTS) <= set(available_methods(cpu, variants=True))
+    assert "fope_fused" in available_methods(cpu)

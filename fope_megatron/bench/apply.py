@@ -272,7 +272,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fused FoPE vs every RoPE available (issue-9 shapes: q [s,1,32,128], k [s,1,8,128],"
         " s in 4096, 8192; forward and forward+backward; bandwidth vs copy)",
     )
-    p.add_argument("--methods", help=f"--suite: comma list of {','.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        help=f"--suite: comma list of {','.join(METHODS)} (default: every one available here "
+        "but the kernel's table-mixing variants fope_fused_loop/_tf32x3/_narrow)",
+    )
     p.add_argument("--seqs", help="--suite: comma list of sequence lengths (default 4096,8192)")
     args = p.parse_args(argv)
     if args.methods:

@@ -51,14 +51,21 @@ def _quiet_import(name: str):
         return importlib.import_module(name)
 
 
-def available_methods(device: torch.device) -> list[str]:
-    """The methods that can run on ``device`` with what is installed."""
+VARIANTS = ("fope_fused_loop", "fope_fused_tf32x3", "fope_fused_narrow")
+"""Table-mixing variants of the fused kernel: timed only when named (``--methods``)."""
+
+
+def available_methods(device: torch.device, variants: bool = False) -> list[str]:
+    """The methods that can run on ``device`` with what is installed (the kernel's table-mixing
+    variants only with ``variants``)."""
     from ..fope.fusion import interpreted, transformer_engine_available, triton_available
 
     cuda = device.type == "cuda"
     triton_ok = triton_available() and (cuda or interpreted())
     out = []
     for name in METHODS:
+        if name in VARIANTS and not variants:
+            continue
         if name.startswith(("fope_fused", "rope_fused")) and not triton_ok:
             continue
         if name == "rope_te" and not (cuda and transformer_engine_available()):
