@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..fope import FoPEConfig, FourierPositionEmbedding, apply_tables
-from .methods import METHODS, available_methods, build_step
+from .methods import METHODS, VARIANTS, available_methods, build_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SWEEP_SEQS = (512, 2048, 8192)
@@ -275,7 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         help=f"--suite: comma list of {','.join(METHODS)} (default: every one available here "
-        "but the kernel's table-mixing variants fope_fused_loop/_tf32x3/_narrow)",
+        f"but the kernel's table-mixing variants {', '.join(VARIANTS)})",
     )
     p.add_argument("--seqs", help="--suite: comma list of sequence lengths (default 4096,8192)")
     args = p.parse_args(argv)

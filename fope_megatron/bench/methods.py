@@ -51,8 +51,12 @@ def _quiet_import(name: str):
         return importlib.import_module(name)
 
 
-VARIANTS = ("fope_fused_loop", "fope_fused_tf32x3", "fope_fused_narrow")
-"""Table-mixing variants of the fused kernel: timed only when named (``--methods``)."""
+VARIANTS = {
+    "fope_fused_loop": "loop",
+    "fope_fused_tf32x3": "dot_tf32x3",
+    "fope_fused_narrow": "dot_narrow",
+}
+"""Table-mixing variants of the fused kernel and their ``mix``: timed only when named."""
 
 
 def available_methods(device: torch.device, variants: bool = False) -> list[str]:
@@ -109,14 +113,12 @@ def build_step(
         )
         fope = FourierPositionEmbedding(cfg).to(device)
         fusion = "torch" if name == "fope_torch" else "triton"
-        if name in ("fope_fused_loop", "fope_fused_tf32x3", "fope_fused_narrow"):
+        if name in VARIANTS:
             from ..fope.triton_apply import fope_apply_qk
 
             a_cos, a_sin = fope.coef_cos[0], fope.coef_sin[0]
             w_in = fope.frequencies[: fope.d_in]
-            mix = {"loop": "loop", "tf32x3": "dot_tf32x3", "narrow": "dot_narrow"}[
-                name.removeprefix("fope_fused_")
-            ]
+            mix = VARIANTS[name]
 
             def variant_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                 return fope_apply_qk(

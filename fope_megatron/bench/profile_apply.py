@@ -51,13 +51,10 @@ def autotune_choices() -> list[str]:
     from ..fope import triton_apply
 
     tuned = triton_apply._fope_qk_tuned
-    names = list(getattr(tuned, "arg_names", []))
-    keys = list(getattr(tuned, "keys", []))
-    out = []
-    for key, cfg in getattr(tuned, "cache", {}).items():
-        vals = dict(zip(keys, key, strict=False)) if keys else {"key": key}
-        out.append(f"{vals} -> {cfg}")
-    return out or [f"(no autotune cache; kernel args {names[:4]}...)"]
+    out = [
+        f"{dict(zip(tuned.keys, key, strict=False))} -> {cfg}" for key, cfg in tuned.cache.items()
+    ]
+    return out or ["(nothing tuned: a single config, e.g. under the interpreter)"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

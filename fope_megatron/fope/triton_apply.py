@@ -257,7 +257,24 @@ def _configs() -> list[triton.Config]:
 
 _fope_qk_tuned = triton.autotune(
     configs=_configs(),
-    key=["S", "B", "QH_PER_G", "KH_PER_G", "N_GROUPS", "D_R", "D_IN", "D_OUT", "ROPE", "SIGN"],
+    # every constexpr that changes the work: the table variants tune their own block size
+    key=[
+        "S",
+        "B",
+        "QH_PER_G",
+        "KH_PER_G",
+        "N_GROUPS",
+        "D_R",
+        "D_PASS",
+        "D_IN",
+        "D_OUT",
+        "ROPE",
+        "SIGN",
+        "INTERLEAVED",
+        "MIX_DOT",
+        "DOT_PREC",
+        "NARROW",
+    ],
 )(_fope_qk_kernel)
 
 MIXES = ("dot", "dot_tf32x3", "dot_narrow", "loop")
@@ -434,9 +451,9 @@ def fope_apply_qk(
             ``dot``): ``dot`` (cos/sin of the whole ``[block, D_in]`` angle tile once per
             element, then an IEEE fp32 ``tl.dot`` with the coefficients), ``dot_tf32x3`` (the
             same product on tensor cores as 3xTF32), ``dot_narrow`` (the product over the
-            Fourier columns only, then widened, where they fill half the pairs) or ``loop`` (one ``D_in`` step at a time;
-            each ``cos/sin(p w_k)`` is a row vector that Triton's layout evaluates once per
-            thread holding that row).
+            Fourier columns only, then widened, where they fill half the pairs) or ``loop``
+            (one ``D_in`` step at a time; each ``cos/sin(p w_k)`` is a row vector that Triton's
+            layout evaluates once per thread holding that row).
 
     Returns ``(q', k')``, new contiguous tensors of q's dtype; math in float32.
     """
