@@ -12,10 +12,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from fope_megatron.coerce import coerce, unknown_message
 from fope_megatron.errors import ConfigError
 from fope_megatron.parallel.dims import ParallelDims
 
@@ -196,7 +194,7 @@ class Config:
         sections = [f.name for f in dataclasses.fields(cls)]
         for name in raw:
             if name not in sections:
-                raise ConfigError(_unknown(f"section {name!r}", str(name), sections))
+                raise ConfigError(unknown_message(f"section {name!r}", str(name), sections))
         values = {}
         for name, section_cls in _hints(cls).items():
             section_raw = raw.get(name) or {}
@@ -209,8 +207,10 @@ class Config:
             for key, value in section_raw.items():
                 if key not in hints:
                     where = f"key '{name}.{key}'"
-                    raise ConfigError(_unknown(where, str(key), list(hints), f" in {name!r}"))
-                kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+                    raise ConfigError(
+                        unknown_message(where, str(key), list(hints), f" in {name!r}")
+                    )
+                kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
             values[name] = section_cls(**kwargs)
         return cls(**values)
 
@@ -365,70 +365,8 @@ def check_vocab(config: Config, tokenizer_vocab_size: int) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- type coercion
-
-
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def _unknown(what: str, given: str, allowed: list[str], where: str = "") -> str:
-    close = difflib.get_close_matches(given, allowed, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {what} (allowed{where}: {', '.join(allowed)}{hint})"
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` to the field type ``tp`` or raise ConfigError naming ``key``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if type(None) in args and null:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                pass
-        names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected {names}")
-    if origin is Literal:
-        for choice in args:  # strings match case-insensitively: 'rmsnorm' -> 'RMSNorm'
-            if value == choice or str(value).lower() == str(choice).lower():
-                return choice
-        allowed = ", ".join(repr(a) for a in args)
-        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
-    if origin is list:
-        if isinstance(value, str) and args[0] is int:  # "128,256" from a shell
-            value = [v for v in value.strip("[]").split(",") if v.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if tp is bool:
-        text = str(value).strip().lower()
-        if isinstance(value, bool) or text in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value if isinstance(value, bool) else text in ("true", "yes", "on", "1")
-    elif tp in (int, float) and not isinstance(value, bool):
-        number = _number(value)
-        if number is not None and (tp is float or number.is_integer()):
-            return tp(number)
-    elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
-
-
-def _number(value: Any) -> float | None:
-    """A finite number from an int, float or numeric string (PyYAML reads ``1e-3`` as a string)."""
-    try:
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
-    return "null" if tp is type(None) else names.get(tp, str(tp))
 
 
 # ----------------------------------------------------------------------------- validation
