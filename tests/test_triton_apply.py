@@ -18,7 +18,7 @@ import triton  # noqa: E402
 
 from fope_megatron.fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables  # noqa: E402
 from fope_megatron.fope.math import apply_tables  # noqa: E402
-from fope_megatron.fope.triton_apply import fope_apply_qk, interpreted  # noqa: E402
+from fope_megatron.fope.triton_apply import fope_apply_qk, interpreted, rope_apply_qk  # noqa: E402
 from fope_megatron.parallel.positions import cp_chunk_positions, packed_positions  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -323,3 +323,63 @@ def test_unknown_mix_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("FOPE_TRITON_MIX", "fast")
     with pytest.raises(ValueError, match="FOPE_TRITON_MIX.*dot_tf32x3"):
         fope_apply_qk(q, k, torch.arange(16, device=DEVICE), w, a_cos, a_sin, 32)
+
+
+@pytest.mark.parametrize("mix", ["dot", "dot_narrow", "loop"])
+def test_group_block_equals_one_group_per_program(mix, monkeypatch):
+    """``group_block`` > 1 (a program's groups share the angles' cos/sin) gives the torch path's
+    outputs and q/k gradients (frozen coefficients: backward runs grouped too); trainable, the
+    forward is grouped and the coefficient gradients still equal torch's."""
+    heads, groups, d = 8, 4, 64
+    for learnable in (False, True):
+        fope = _fope(heads, groups, d, 24, learnable=learnable)
+        cfg = fope.config
+        q, k = _qk(21, 2, heads, groups, d)
+        pos = torch.arange(21, device=DEVICE) * 3 + 5
+        res = {}
+        for way in ("torch", 2, 4):
+            fope.zero_grad(set_to_none=True)
+            q.grad = k.grad = None
+            if way == "torch":
+                oq, ok = fope.apply_qk(q, k, pos, 1)
+            else:
+                a_cos, a_sin = fope._local(1, None)
+                w = fope.frequencies[: fope.d_in]
+                oq, ok = fope_apply_qk(
+                    q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin,
+                    cfg.interleaved, mix=mix, group_block=way,
+                )  # fmt: skip
+            (((oq * oq).sum() + ok.sum()) / q.numel() ** 0.5).backward()
+            grads = (fope.coef_cos.grad, fope.coef_sin.grad) if learnable else ()
+            res[way] = (oq, ok, q.grad, k.grad, *grads)
+        for way in (2, 4):
+            for a, b in zip(res[way], res["torch"], strict=True):
+                assert _maxdiff(a, b) <= 1e-5
+    # the environment variable, and a value that does not divide the groups
+    monkeypatch.setenv("FOPE_TRITON_GROUP_BLOCK", "4")
+    a_cos, a_sin = fope._local(1, None)
+    w = fope.frequencies[: fope.d_in]
+    env = fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, mix=mix)
+    assert _maxdiff(env[0], res[4][0]) == 0.0
+    monkeypatch.setenv("FOPE_TRITON_GROUP_BLOCK", "3")
+    with pytest.raises(ValueError, match=r"FOPE_TRITON_GROUP_BLOCK=3 .*4 groups.*\[1, 2, 4\]"):
+        fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, mix=mix)
+
+
+def test_rope_group_block_equals_torch_rope():
+    """The RoPE limit with key heads sharing one program's tables (``group_block``)."""
+    rope = RotaryEmbeddingTables(32).to(DEVICE)
+    q, k = _qk(19, 2, 8, 4, 32)
+    pos = torch.arange(19, device=DEVICE) * 13
+    w = rope.frequencies
+    res = {}
+    for way in ("torch", 4):
+        q.grad = k.grad = None
+        if way == "torch":
+            oq, ok = rope.apply_qk(q, k, pos, fusion="torch")
+        else:
+            oq, ok = rope_apply_qk(q, k, pos, w, 32, group_block=way)
+        (oq.sum() + (ok * ok).sum()).backward()
+        res[way] = (oq.detach(), ok.detach(), q.grad.clone(), k.grad.clone())
+    for a, b in zip(res[4], res["torch"], strict=True):
+        assert _maxdiff(a, b) <= 1e-5

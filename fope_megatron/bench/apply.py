@@ -275,7 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         help=f"--suite: comma list of {','.join(METHODS)} (default: every one available here "
-        f"but the kernel's table-mixing variants {', '.join(VARIANTS)})",
+        f"but the kernel's variants {', '.join(VARIANTS)})",
     )
     p.add_argument("--seqs", help="--suite: comma list of sequence lengths (default 4096,8192)")
     args = p.parse_args(argv)

@@ -11,8 +11,11 @@ Methods (``available_methods`` says which run here):
 - ``fope_fused_loop``: the same kernel forming its tables one frequency at a time (``mix='loop'``).
 - ``fope_fused_tf32x3``: the same kernel with the table product on tensor cores (3xTF32).
 - ``fope_fused_narrow``: the same kernel multiplying only the Fourier columns (``dot_narrow``).
+- ``fope_fused_grouped`` / ``fope_fused_narrow_grouped``: ``dot`` / ``dot_narrow`` with every KV
+  group in one program (``group_block``: the angles' cos/sin computed once, not once per group).
 - ``fope_torch``: the torch reference path (float32 tables, then apply).
 - ``rope_fused``: the same Triton kernel in its RoPE limit.
+- ``rope_fused_grouped``: the same with every key head in one program (one cos/sin table).
 - ``rope_te``: transformer-engine's fused RoPE through megatron-core (q and k calls summed).
 - ``rope_liger``: Liger-Kernel's Triton RoPE (one launch for q and k, HF layout views).
 - ``rope_compile``: megatron's unfused RoPE formula under ``torch.compile``.
@@ -36,8 +39,11 @@ METHODS = (
     "fope_fused_loop",
     "fope_fused_tf32x3",
     "fope_fused_narrow",
+    "fope_fused_grouped",
+    "fope_fused_narrow_grouped",
     "fope_torch",
     "rope_fused",
+    "rope_fused_grouped",
     "rope_te",
     "rope_liger",
     "rope_compile",
@@ -52,11 +58,15 @@ def _quiet_import(name: str):
 
 
 VARIANTS = {
-    "fope_fused_loop": "loop",
-    "fope_fused_tf32x3": "dot_tf32x3",
-    "fope_fused_narrow": "dot_narrow",
+    "fope_fused_loop": ("loop", 1),
+    "fope_fused_tf32x3": ("dot_tf32x3", 1),
+    "fope_fused_narrow": ("dot_narrow", 1),
+    "fope_fused_grouped": ("dot", None),
+    "fope_fused_narrow_grouped": ("dot_narrow", None),
+    "rope_fused_grouped": (None, None),
 }
-"""Table-mixing variants of the fused kernel and their ``mix``: timed only when named."""
+"""Variants of the fused kernel, ``(mix, group_block)`` (None: every group in one program),
+timed only when named."""
 
 
 def available_methods(device: torch.device, variants: bool = False) -> list[str]:
@@ -118,11 +128,12 @@ def build_step(
 
             a_cos, a_sin = fope.coef_cos[0], fope.coef_sin[0]
             w_in = fope.frequencies[: fope.d_in]
-            mix = VARIANTS[name]
+            mix, gb = VARIANTS[name]
+            gb = gb or groups
 
             def variant_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                 return fope_apply_qk(
-                    q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix=mix
+                    q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix=mix, group_block=gb
                 )  # fmt: skip
 
             return variant_step, {
@@ -136,6 +147,15 @@ def build_step(
 
         return fope_step, {"d_in": fope.d_in, "d_out": fope.d_out, "rotary_dim": cfg.rotary_dim}
     info = {"rotary_dim": head_dim}
+    if name == "rope_fused_grouped":
+        from ..fope.triton_apply import rope_apply_qk
+
+        w = RotaryEmbeddingTables(head_dim).to(device).frequencies
+
+        def grouped_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+            return rope_apply_qk(q, k, positions, w, head_dim, group_block=k.shape[2])
+
+        return grouped_step, info
     if name in ("rope_fused", "rope_te"):
         rope = RotaryEmbeddingTables(head_dim).to(device)
         fusion = "triton" if name == "rope_fused" else "te"

@@ -210,15 +210,20 @@ def run_suite(
                 "fwd_bwd_pct_of_copy": 100 * (2 * io_bytes / both) / bw,
                 "saved_bytes": saved[name],
             }
-        rope_fused = [
-            n for n in ("rope_te", "rope_liger", "rope_compile", "rope_fused") if n in row
-        ]
+        fused = ("rope_te", "rope_liger", "rope_compile", "rope_fused", "rope_fused_grouped")
+        rope_fused = [n for n in fused if "fwd_bwd_ms" in row.get(n, {})]
         if rope_fused and "fope_fused" in row:
             best = min(rope_fused, key=lambda n: row[n]["fwd_bwd_ms"])
             row["best_fused_rope"] = best
             row["fope_fused_over_best_rope"] = (
                 row["fope_fused"]["fwd_bwd_ms"] / row[best]["fwd_bwd_ms"]
             )
+            # every fused FoPE variant timed beside it, against the same RoPE
+            row["over_best_rope"] = {
+                n: row[n]["fwd_bwd_ms"] / row[best]["fwd_bwd_ms"]
+                for n in names
+                if n.startswith("fope_fused") and "fwd_bwd_ms" in row.get(n, {})
+            }
         if "fope_torch" in steps and "fope_fused" in steps:
             row["fope_torch_over_fused"] = (
                 row["fope_torch"]["fwd_bwd_ms"] / row["fope_fused"]["fwd_bwd_ms"]
@@ -258,6 +263,10 @@ def format_suite(doc: dict) -> str:
                 f"fope_fused / best fused RoPE ({r['best_fused_rope']}): "
                 f"{r['fope_fused_over_best_rope']:.2f}x (fwd+bwd)"
             )
+            others = {n: v for n, v in r.get("over_best_rope", {}).items() if n != "fope_fused"}
+            if others:
+                ratios = ", ".join(f"{n} {v:.2f}x" for n, v in others.items())
+                out.append(f"variants / {r['best_fused_rope']}: {ratios}")
         if "fope_torch_over_fused" in r:
             out.append(f"fope_torch / fope_fused: {r['fope_torch_over_fused']:.2f}x (fwd+bwd)")
         out.append("")

@@ -1,6 +1,7 @@
 """Fused FoPE (and RoPE) for q AND k in one Triton launch, forward and backward.
 
-One program covers a block of ``BLOCK_S`` positions and one KV group ``g``:
+One program covers a block of ``BLOCK_S`` positions and one KV group ``g`` (or ``GROUP_BLOCK``
+groups, which then share step 1's cos/sin and mix them per group):
 
 1. the ``D_in`` angles ``p * w_k`` of its positions are computed once (float32, the same rounded
    product as the torch path), reduced to ``[-pi, pi]`` (Cody-Waite, so large positions keep full
@@ -145,10 +146,10 @@ def _fope_qk_kernel(
     ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
     COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
     MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16, DOT_PREC: tl.constexpr = "ieee",
-    NARROW: tl.constexpr = False, OUT_P2: tl.constexpr = 16,
+    NARROW: tl.constexpr = False, OUT_P2: tl.constexpr = 16, GROUP_BLOCK: tl.constexpr = 1,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
-    g = tl.program_id(1)
+    pid_g = tl.program_id(1)
     HALF: tl.constexpr = D_R // 2
     s_idx = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     s_mask = s_idx < S
@@ -159,89 +160,96 @@ def _fope_qk_kernel(
     pj = tl.arange(0, PASS_P2)
     pos = tl.load(POS + s_idx, mask=s_mask, other=0).to(tl.float32)
 
+    # What does not depend on the group is computed once for the program's GROUP_BLOCK groups:
+    # the RoPE tables, or the [BLOCK_S, D_in] cos/sin tile that the dot mixes per group.
     if ROPE:
         w = tl.load(W + jh, mask=f_mask, other=0.0).to(tl.float32)
         ang = _reduce(pos[:, None] * w[None, :])
         C = tl.cos(ang)
         Sn = tl.sin(ang)
-    else:
-        if MIX_DOT:
-            # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
-            # product per table: C = cos(p w) @ A_cos, S = sin(p w) @ A_sin, in IEEE fp32 (FMA
-            # units) or 3xTF32 (tensor cores, split operands: about fp32 accuracy).
-            ki = tl.arange(0, IN_P2)
-            k_mask = ki < D_IN
-            w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
-            ang = _reduce(pos[:, None] * w[None, :])
-            cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
-            sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
-            a_m = k_mask[:, None] & f_mask[None, :]
-            if NARROW:
-                # Only the OUT_P2 = HALF_P2 / 2 Fourier columns are multiplied; the tile is then
-                # widened with constant columns ([c | 1] side by side).
-                jo = tl.arange(0, OUT_P2)
-                n_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jo[None, :]
-                n_m = k_mask[:, None] & (jo < D_OUT)[None, :]
-                c_n = tl.dot(
-                    cos_t, tl.load(ACOS + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
-                )
-                s_n = tl.dot(
-                    sin_t, tl.load(ASIN + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
-                )
-                one = tl.full((BLOCK_S, OUT_P2), 1.0, tl.float32)
-                C = tl.reshape(tl.permute(tl.join(c_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
-                Sn = tl.reshape(tl.permute(tl.join(s_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
+    elif MIX_DOT:
+        # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
+        # product per table and group: C = cos(p w) @ A_cos[g], S = sin(p w) @ A_sin[g], in
+        # IEEE fp32 (FMA units) or 3xTF32 (tensor cores, split operands: about fp32 accuracy).
+        ki = tl.arange(0, IN_P2)
+        k_mask = ki < D_IN
+        w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
+        ang = _reduce(pos[:, None] * w[None, :])
+        cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
+        sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
+        a_m = k_mask[:, None] & f_mask[None, :]
+
+    for gi in tl.static_range(GROUP_BLOCK):
+        g = pid_g * GROUP_BLOCK + gi
+        if not ROPE:
+            if MIX_DOT:
+                if NARROW:
+                    # Only the OUT_P2 = HALF_P2 / 2 Fourier columns are multiplied; the tile is
+                    # then widened with constant columns ([c | 1] side by side).
+                    jo = tl.arange(0, OUT_P2)
+                    n_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jo[None, :]
+                    n_m = k_mask[:, None] & (jo < D_OUT)[None, :]
+                    c_n = tl.dot(
+                        cos_t, tl.load(ACOS + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
+                    )
+                    s_n = tl.dot(
+                        sin_t, tl.load(ASIN + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
+                    )
+                    one = tl.full((BLOCK_S, OUT_P2), 1.0, tl.float32)
+                    C = tl.reshape(tl.permute(tl.join(c_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
+                    Sn = tl.reshape(tl.permute(tl.join(s_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
+                else:
+                    a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
+                    C = tl.dot(
+                        cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
+                    )
+                    Sn = tl.dot(
+                        sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
+                    )
             else:
-                a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
-                C = tl.dot(
-                    cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
-                )
-                Sn = tl.dot(
-                    sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
-                )
-        else:
-            C = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-            Sn = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-            a_base = g * D_IN * D_OUT
-            for kk in tl.static_range(D_IN):
+                C = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+                Sn = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+                a_base = g * D_IN * D_OUT
+                for kk in tl.static_range(D_IN):
+                    w_k = tl.load(W + kk).to(tl.float32)
+                    ang = _reduce(pos * w_k)
+                    ac = tl.load(ACOS + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
+                    asn = tl.load(ASIN + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
+                    C += tl.cos(ang)[:, None] * ac[None, :]
+                    Sn += tl.sin(ang)[:, None] * asn[None, :]
+            C = tl.where(f_mask[None, :], C, 1.0)
+            Sn = tl.where(f_mask[None, :], Sn, zero_freq_sin)
+
+        dC = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+        dS = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+        dC, dS = _rotate_heads(
+            Q, OQ, GQ, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
+            sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
+            dC, dS, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+        )  # fmt: skip
+        dC, dS = _rotate_heads(
+            K, OK, GK, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
+            sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
+            dC, dS, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+        )  # fmt: skip
+
+        if COEF_GRAD:
+            # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0;
+            # the constant columns j >= D_OUT are not stored).
+            out_base = ((pid_s * N_GROUPS + g) * D_IN) * D_OUT
+            if MIX_DOT:
+                p_off = out_base + ki[:, None] * D_OUT + jh[None, :]
+                pc = tl.dot(tl.trans(cos_t), dC, input_precision="ieee")
+                tl.store(DACOS + p_off, pc, mask=a_m)
+                ps = tl.dot(tl.trans(sin_t), dS, input_precision="ieee")
+                tl.store(DASIN + p_off, ps, mask=a_m)
+            for kk in tl.static_range(0 if MIX_DOT else D_IN):
                 w_k = tl.load(W + kk).to(tl.float32)
                 ang = _reduce(pos * w_k)
-                ac = tl.load(ACOS + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
-                asn = tl.load(ASIN + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
-                C += tl.cos(ang)[:, None] * ac[None, :]
-                Sn += tl.sin(ang)[:, None] * asn[None, :]
-        C = tl.where(f_mask[None, :], C, 1.0)
-        Sn = tl.where(f_mask[None, :], Sn, zero_freq_sin)
-
-    dC = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-    dS = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-    dC, dS = _rotate_heads(
-        Q, OQ, GQ, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
-        sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
-        dC, dS, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
-    )  # fmt: skip
-    dC, dS = _rotate_heads(
-        K, OK, GK, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
-        sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
-        dC, dS, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
-    )  # fmt: skip
-
-    if COEF_GRAD:
-        # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0;
-        # the constant columns j >= D_OUT are not stored).
-        out_base = ((pid_s * N_GROUPS + g) * D_IN) * D_OUT
-        if MIX_DOT:
-            p_off = out_base + ki[:, None] * D_OUT + jh[None, :]
-            pc = tl.dot(tl.trans(cos_t), dC, input_precision="ieee")
-            tl.store(DACOS + p_off, pc, mask=a_m)
-            tl.store(DASIN + p_off, tl.dot(tl.trans(sin_t), dS, input_precision="ieee"), mask=a_m)
-        for kk in tl.static_range(0 if MIX_DOT else D_IN):
-            w_k = tl.load(W + kk).to(tl.float32)
-            ang = _reduce(pos * w_k)
-            pc = tl.sum(tl.cos(ang)[:, None] * dC, axis=0)
-            ps = tl.sum(tl.sin(ang)[:, None] * dS, axis=0)
-            tl.store(DACOS + out_base + kk * D_OUT + jh, pc, mask=f_mask)
-            tl.store(DASIN + out_base + kk * D_OUT + jh, ps, mask=f_mask)
+                pc = tl.sum(tl.cos(ang)[:, None] * dC, axis=0)
+                ps = tl.sum(tl.sin(ang)[:, None] * dS, axis=0)
+                tl.store(DACOS + out_base + kk * D_OUT + jh, pc, mask=f_mask)
+                tl.store(DASIN + out_base + kk * D_OUT + jh, ps, mask=f_mask)
 
 
 def _configs() -> list[triton.Config]:
@@ -274,6 +282,7 @@ _fope_qk_tuned = triton.autotune(
         "MIX_DOT",
         "DOT_PREC",
         "NARROW",
+        "GROUP_BLOCK",
     ],
 )(_fope_qk_kernel)
 
@@ -329,8 +338,10 @@ def _launch(
     sign: int,
     grad_inputs: tuple[Tensor, Tensor] | None = None,
     mix: str = "dot",
+    group_block: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """One launch over (position blocks, groups). ``a_cos is None``: RoPE limit."""
+    """One launch over (position blocks, blocks of ``group_block`` groups). ``a_cos is None``:
+    RoPE limit."""
     s, b, hq, d = x_q.shape
     hk = x_k.shape[2]
     rope = a_cos is None
@@ -375,10 +386,11 @@ def _launch(
         *x_q.stride(), *x_k.stride(), *out_q.stride(), *out_k.stride(), *gq.stride(), *gk.stride(),
     )  # fmt: skip
     if grad_inputs is None:
-        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), n_groups)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), n_groups // group_block)  # noqa: E731
         _fope_qk_tuned[grid](
-            *args, dummy, dummy, s, b, *strides, float(zero_freq_sin), COEF_GRAD=False, **common
-        )
+            *args, dummy, dummy, s, b, *strides, float(zero_freq_sin), COEF_GRAD=False,
+            GROUP_BLOCK=group_block, **common,
+        )  # fmt: skip
         return out_q, out_k, None, None
     blocks = triton.cdiv(s, _COEF_GRAD_BLOCK)  # >= 16 rows: tl.dot's minimum
     part = torch.zeros(2, blocks, n_groups, d_in, d_out, dtype=torch.float32, device=x_q.device)
@@ -392,14 +404,17 @@ def _launch(
 
 class _FusedFoPE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, positions, w, a_cos, a_sin, rotary_dim, zero_freq_sin, interleaved, mix):
+    def forward(
+        ctx, q, k, positions, w, a_cos, a_sin, rotary_dim, zero_freq_sin, interleaved, mix, gb
+    ):
         n_groups = a_cos.shape[0] if a_cos is not None else k.shape[2]
         out_q, out_k, _, _ = _launch(
             q, k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin, interleaved, 1,
-            mix=mix,
+            mix=mix, group_block=gb,
         )  # fmt: skip
         learn = a_cos is not None and (a_cos.requires_grad or a_sin.requires_grad)
-        ctx.meta = (n_groups, rotary_dim, zero_freq_sin, interleaved, learn, q.shape, k.shape, mix)
+        shapes = (q.shape, k.shape)
+        ctx.meta = (n_groups, rotary_dim, zero_freq_sin, interleaved, learn, *shapes, mix, gb)
         # Frozen coefficients: nothing activation-sized is kept (positions, w and the
         # [G, D_in, D_out] coefficients only). Trainable ones need the inputs for dA.
         if learn:
@@ -410,7 +425,9 @@ class _FusedFoPE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
-        n_groups, rotary_dim, zero_freq_sin, interleaved, learn, shape_q, shape_k, mix = ctx.meta
+        n_groups, rotary_dim, zero_freq_sin, interleaved, learn, shape_q, shape_k, mix, gb = (
+            ctx.meta
+        )
         saved = ctx.saved_tensors
         positions, w, a_cos, a_sin = saved[:4]
         inputs = (saved[4], saved[5]) if learn else None
@@ -421,9 +438,9 @@ class _FusedFoPE(torch.autograd.Function):
             grad_k = like.new_zeros(shape_k)
         dq, dk, da_cos, da_sin = _launch(
             grad_q, grad_k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin,
-            interleaved, -1, inputs, mix,
+            interleaved, -1, inputs, mix, gb,
         )  # fmt: skip
-        return dq, dk, None, None, da_cos, da_sin, None, None, None, None
+        return dq, dk, None, None, da_cos, da_sin, None, None, None, None, None
 
 
 def fope_apply_qk(
@@ -437,6 +454,7 @@ def fope_apply_qk(
     zero_freq_sin: float = 1.0,
     interleaved: bool = False,
     mix: str | None = None,
+    group_block: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused FoPE on ``q`` ``[s, b, Hq, d]`` and ``k`` ``[s, b, Hk, d]`` (any strides).
 
@@ -454,6 +472,9 @@ def fope_apply_qk(
             Fourier columns only, then widened, where they fill half the pairs) or ``loop``
             (one ``D_in`` step at a time; each ``cos/sin(p w_k)`` is a row vector that Triton's
             layout evaluates once per thread holding that row).
+        group_block: KV groups per program (default: ``$FOPE_TRITON_GROUP_BLOCK``, else 1); a
+            divisor of the groups q/k hold. Above 1 a program computes the angles' cos/sin once
+            for its groups and mixes them per group, with fewer programs in the launch.
 
     Returns ``(q', k')``, new contiguous tensors of q's dtype; math in float32.
     """
@@ -473,9 +494,10 @@ def fope_apply_qk(
         mix = os.environ.get("FOPE_TRITON_MIX") or "dot"
     if mix not in MIXES:
         raise ValueError(f"mix={mix!r} (argument or FOPE_TRITON_MIX) unknown; allowed: {MIXES}")
+    gb = _group_block(group_block, a_cos.shape[0])
     return _FusedFoPE.apply(
         q, k, positions, w_in.float().contiguous(), a_cos.contiguous(), a_sin.contiguous(),
-        int(rotary_dim), float(zero_freq_sin), bool(interleaved), mix,
+        int(rotary_dim), float(zero_freq_sin), bool(interleaved), mix, gb,
     )  # fmt: skip
 
 
@@ -486,17 +508,39 @@ def rope_apply_qk(
     w: Tensor,
     rotary_dim: int,
     interleaved: bool = False,
+    group_block: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused RoPE (FoPE's limit: identity coefficients, no floor) on q and k in one launch.
 
-    ``w``: the ``d_r/2`` frequencies, float32. Shapes and strides as :func:`fope_apply_qk`.
+    ``w``: the ``d_r/2`` frequencies, float32. Shapes, strides and ``group_block`` (here: key
+    heads per program, which share the tables) as :func:`fope_apply_qk`.
     """
     if w.shape != (rotary_dim // 2,):
         raise ValueError(f"w {tuple(w.shape)} must be [d_r/2] = [{rotary_dim // 2}]")
     # Heads share RoPE's tables: split them into as many groups as there are key heads, so the
     # launch has enough programs.
     _check(q, k, positions, k.shape[2], rotary_dim)
+    gb = _group_block(group_block, k.shape[2])
     return _FusedFoPE.apply(
         q, k, positions, w.float().contiguous(), None, None, int(rotary_dim), 1.0,
-        bool(interleaved), "loop",
+        bool(interleaved), "loop", gb,
     )  # fmt: skip
+
+
+def _group_block(group_block: int | None, n_groups: int) -> int:
+    """Groups per program: the argument, else ``$FOPE_TRITON_GROUP_BLOCK``, else 1."""
+    where = "group_block"
+    if group_block is None:
+        where = "FOPE_TRITON_GROUP_BLOCK"
+        text = os.environ.get(where) or "1"
+        try:
+            group_block = int(text)
+        except ValueError:
+            raise ValueError(f"{where}={text!r} is not an integer") from None
+    allowed = [d for d in range(1, n_groups + 1) if n_groups % d == 0]
+    if group_block not in allowed:
+        raise ValueError(
+            f"{where}={group_block} must divide the {n_groups} groups of this launch; allowed: "
+            f"{allowed}"
+        )
+    return group_block
