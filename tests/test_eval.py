@@ -154,6 +154,8 @@ def test_passkey_prompt_layout_and_length() -> None:
             assert s.needle_pos == round(depth * s.n_filler)
     with pytest.raises(ValueError, match="too short"):
         make_passkey_sample(tok, 50, 0.5, "48213")
+    with pytest.raises(ValueError, match=r"length 101 is too short.*lengths >= 102"):
+        evaluate_passkey(scripted_copier(), tok, [128, 101], progress=False)
 
 
 def test_passkey_trials_are_seeded_and_depth_buckets_balanced() -> None:
@@ -163,6 +165,8 @@ def test_passkey_trials_are_seeded_and_depth_buckets_balanced() -> None:
     assert [t.key for t in trials] != [t.key for t in sample_trials(tok, 400, 20, 5, 4)]
     for i, t in enumerate(trials):
         assert len(t.key) == 5 and t.key.isdigit()
+        assert len(t.tokens) + len(t.answer) - 1 == 400  # the key is read back within 400
+        assert t.tokens[-len(QUESTION) :] == tok.encode(QUESTION)
         b = i % 5
         assert t.bucket(5) == b
         assert b / 5 <= t.needle_pos / t.n_filler <= (b + 1) / 5

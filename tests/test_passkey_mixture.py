@@ -8,6 +8,7 @@ from fope_megatron.config import ConfigError, load_config
 from fope_megatron.data.datasets import build_datasets
 from fope_megatron.data.passkey import NEEDLE_HEAD, QUESTION, PasskeyMixture
 from fope_megatron.data.tokenizer import get_tokenizer
+from fope_megatron.eval.passkey import sample_trials
 
 SEQ = 128
 
@@ -53,3 +54,25 @@ def test_passkey_fraction_is_validated():
     assert cfg.data.passkey_fraction == 0.25
     with pytest.raises(ConfigError, match="passkey_fraction"):
         load_config(None, ["data.synthetic=true", "data.passkey_fraction=1.5"]).validate(1)
+
+
+def test_eval_at_the_training_length_stays_inside_the_trained_positions(train_ds):
+    """A passkey trial at 1x is in distribution: its prompts have the mixture's longest prompt
+    length, and the model reads the key back at positions < seq_length (its input, prompt plus
+    answer but its last token, is exactly seq_length tokens). A prompt of seq_length tokens put
+    the key at positions 128..132 and cost two RoPE twins 10-15% of their 1x trials."""
+    tok = get_tokenizer("byte")
+    mix = PasskeyMixture(train_ds, 1.0, tok, SEQ, seed=3)
+    trials = sample_trials(tok, SEQ, n_trials=10, n_buckets=5, seed=0)
+    for t in trials:
+        assert len(t.tokens) == mix.max_len
+        assert len(t.tokens) + len(t.answer) - 1 == SEQ
+    # the mixture does produce prompts of that length: the question ends at token max_len
+    q = tok.encode(QUESTION)
+    ends = set()
+    for i in range(400):
+        ids = mix.passkey_tokens(i)
+        for j in range(len(ids) - len(q) + 1):
+            if ids[j : j + len(q)] == q:
+                ends.add(j + len(q))
+    assert max(ends) == mix.max_len

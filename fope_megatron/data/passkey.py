@@ -5,7 +5,9 @@ A prompt is built from token pieces, so positions are exact for any tokenizer::
     [filler (tail of the repeated filler)] [needle head][ key][needle tail]
     [filler (tail of the repeated filler)] [question]
 
-and has exactly ``length`` tokens, ending right before the answer (`` 48213``).
+and ends right before the answer (`` 48213``). A trial *at length L* reads back its key within
+``L`` positions: prompt plus answer minus its last token is ``L`` tokens (:func:`prompt_length`),
+so at the training length every key token is predicted at a trained position.
 ``eval.passkey`` scores prompts of this format; :class:`PasskeyMixture` replaces a configurable
 share of training samples (``data.passkey_fraction``) with prompts of the same format followed by
 their answer, so small models can learn the task in distribution.
@@ -63,21 +65,32 @@ def _cyclic_tail(unit: list[int], n: int) -> list[int]:
     return reps[len(reps) - n :]
 
 
+def prompt_length(tokenizer: Tokenizer, length: int, key: str = "00000") -> int:
+    """Prompt tokens of a trial that spans ``length`` positions.
+
+    The model reads the prompt, then the answer's tokens but its last, so the answer's last token
+    is predicted at position ``length - 1``: ``length + 1 - len(answer)``. A prompt of ``length``
+    tokens would put the key at positions ``length .. length + len(answer) - 2``, beyond a model
+    trained at ``length``. Training's mixture uses the same bound for its longest prompt.
+    """
+    return length + 1 - len(tokenizer.encode(ANSWER.format(key=key)))
+
+
+def fixed_tokens(tokenizer: Tokenizer, key: str = "00000") -> int:
+    """Tokens of a prompt that are not filler: the needle and the question."""
+    pieces = (NEEDLE_HEAD, ANSWER.format(key=key), NEEDLE_TAIL.format(key=key), QUESTION)
+    return sum(len(tokenizer.encode(p)) for p in pieces)
+
+
 def filler_budget(tokenizer: Tokenizer, length: int, key: str = "00000") -> int:
     """Filler tokens left in a prompt of ``length`` tokens once needle and question are placed."""
-    fixed = (
-        tokenizer.encode(NEEDLE_HEAD)
-        + tokenizer.encode(ANSWER.format(key=key))
-        + tokenizer.encode(NEEDLE_TAIL.format(key=key))
-        + tokenizer.encode(QUESTION)
-    )
-    n = length - len(fixed)
-    if n < 0:
+    fixed = fixed_tokens(tokenizer, key)
+    if length < fixed:
         raise ValueError(
-            f"passkey length {length} is too short: needle and question alone take "
-            f"{len(fixed)} tokens with this tokenizer; use lengths >= {len(fixed)}"
+            f"passkey prompt of {length} tokens is too short: needle and question alone take "
+            f"{fixed} tokens with this tokenizer; use prompts >= {fixed}"
         )
-    return n
+    return length - fixed
 
 
 def make_passkey_sample(tokenizer: Tokenizer, length: int, depth: float, key: str) -> PasskeySample:
@@ -126,7 +139,7 @@ class PasskeyMixture(torch.utils.data.Dataset):
             raise ValueError(f"passkey fraction must be in [0, 1], got {fraction}")
         self.base, self.fraction, self.tokenizer = base, float(fraction), tokenizer
         self.seq_length, self.seed = int(seq_length), int(seed)
-        longest = self.seq_length + 1 - len(tokenizer.encode(ANSWER.format(key="00000")))
+        longest = prompt_length(tokenizer, self.seq_length)  # what the evaluation uses at 1x
         self.min_len = longest - filler_budget(tokenizer, longest)  # no filler at all
         if self.min_len > longest:
             raise ValueError(f"seq_length {seq_length} is too short for a passkey prompt")

@@ -5,7 +5,12 @@ A prompt is built from token pieces, so positions are exact for any tokenizer::
     [filler (tail of the repeated filler)] [needle head][ key][needle tail]
     [filler (tail of the repeated filler)] [question]
 
-and has exactly ``length`` tokens, ending right before the answer (`` 48213``). The needle text
+and ends right before the answer (`` 48213``). A trial at length ``L`` spans ``L`` positions
+with its answer: the prompt has ``prompt_length(L) = L + 1 - len(answer)`` tokens, so the key's
+last token is predicted at position ``L - 1`` and a trial at the training length stays inside the
+trained positions (a prompt of ``L`` tokens would make the model read the key back at positions
+``L .. L + 4``, beyond them: 0.85-0.90 instead of 1.00 for two RoPE twins of the study, all misses
+at needle depth 0-0.2, docs/results/study/passkey_probes.md). The needle text
 is ``" The pass key is 48213. Remember it. 48213 is the pass key."``; the question is
 ``" What is the pass key? The pass key is"``. The filler is repeated and trimmed at the token
 level (the cut falls at the start of each filler piece) to hit the length exactly.
@@ -38,14 +43,17 @@ from fope_megatron.data.passkey import (  # the prompt format training's mixture
     QUESTION,
     PasskeySample,
     filler_budget,
+    fixed_tokens,
     make_passkey_sample,
+    prompt_length,
 )
 from fope_megatron.data.tokenizer import Tokenizer
 from fope_megatron.eval.perplexity import LogitsFn
 
 __all__ = [
     "ANSWER", "FILLER", "NEEDLE_HEAD", "NEEDLE_TAIL", "QUESTION", "PasskeySample",
-    "bucket_labels", "evaluate_passkey", "filler_budget", "make_passkey_sample", "sample_trials",
+    "bucket_labels", "evaluate_passkey", "filler_budget", "fixed_tokens", "make_passkey_sample", "prompt_length",
+    "sample_trials",
     "score_samples",
 ]  # fmt: skip
 
@@ -63,7 +71,8 @@ def bucket_labels(n_buckets: int) -> list[str]:
 def sample_trials(
     tokenizer: Tokenizer, length: int, n_trials: int, n_buckets: int, seed: int
 ) -> list[PasskeySample]:
-    """``n_trials`` seeded prompts at ``length``, spread round-robin over the depth buckets.
+    """``n_trials`` seeded trials at ``length`` (prompts of :func:`prompt_length` tokens), spread
+    round-robin over the depth buckets.
 
     Trial ``i`` draws its filler-before-needle count uniformly among the integers whose depth
     falls in bucket ``i % n_buckets`` (any depth if the filler is too short for that bucket).
@@ -73,7 +82,8 @@ def sample_trials(
     samples = []
     for i in range(n_trials):
         key = str(int(rng.integers(10000, 100000)))
-        n_filler = filler_budget(tokenizer, length, key)  # keys may tokenize to varying lengths
+        n_prompt = prompt_length(tokenizer, length, key)  # keys may tokenize to varying lengths
+        n_filler = filler_budget(tokenizer, n_prompt, key)
         b = i % n_buckets
         lo = math.ceil(b * n_filler / n_buckets)
         hi = math.ceil((b + 1) * n_filler / n_buckets) - 1 if b < n_buckets - 1 else n_filler
@@ -81,7 +91,7 @@ def sample_trials(
             lo, hi = 0, n_filler
         n_before = int(rng.integers(lo, hi + 1))
         depth = n_before / n_filler if n_filler else 0.0
-        samples.append(make_passkey_sample(tokenizer, length, depth, key))
+        samples.append(make_passkey_sample(tokenizer, n_prompt, depth, key))
     return samples
 
 
@@ -143,7 +153,8 @@ def evaluate_passkey(
     Args:
         logits_fn: causal LM forward, ``LongTensor[b, s] -> FloatTensor[b, s, V]``.
         tokenizer: builds the prompts (``encode``).
-        lengths: prompt lengths in tokens.
+        lengths: trial lengths in tokens: prompt plus answer but its last token
+            (:func:`prompt_length`).
         n_trials: seeded trials per length.
         n_buckets: equal-width depth buckets.
         seed: base seed; trials at a length depend only on ``(seed, length)``.
@@ -160,8 +171,13 @@ def evaluate_passkey(
     if n_trials < 1 or n_buckets < 1:
         raise ValueError(f"n_trials and n_buckets must be >= 1, got {n_trials}, {n_buckets}")
     lengths = list(dict.fromkeys(int(L) for L in lengths))
-    for L in lengths:
-        filler_budget(tokenizer, L)  # fail fast on a too-short length
+    for L in lengths:  # fail fast on a too-short length
+        shortest = L + fixed_tokens(tokenizer) - prompt_length(tokenizer, L)
+        if L < shortest:
+            raise ValueError(
+                f"passkey length {L} is too short: needle, question and answer take {shortest} "
+                f"tokens with this tokenizer; use lengths >= {shortest}"
+            )
     labels = bucket_labels(n_buckets)
     n_calls = len(lengths) * math.ceil(n_trials / max_batch_size)
     out: dict[str, dict] = {"passkey": {}, "passkey_by_depth": {}, "passkey_logprob": {}}
