@@ -295,8 +295,17 @@ def test_mixing_variants_equal_torch(name, mix):
         assert 2 * max(16, triton.next_power_of_2(fope.d_out)) == cfg.rotary_dim // 2
     q, k = _qk(37, 2, heads, groups, d)
     pos = torch.arange(37, device=DEVICE) + 700
+    res = _layer1_kernel_and_torch(fope, q, k, pos, {mix: dict(mix=mix)})
+    for a, b in zip(res[mix], res["torch"], strict=True):
+        assert _maxdiff(a, b) <= 1e-5
+
+
+def _layer1_kernel_and_torch(fope, q, k, pos, ways: dict) -> dict:
+    """Layer 1's outputs and gradients (q, k and, when trainable, the coefficients) through the
+    torch path and through ``fope_apply_qk`` with each of ``ways``' keyword arguments."""
+    cfg = fope.config
     res = {}
-    for way in (mix, "torch"):
+    for way in ("torch", *ways):
         fope.zero_grad(set_to_none=True)
         q.grad = k.grad = None
         if way == "torch":
@@ -306,12 +315,12 @@ def test_mixing_variants_equal_torch(name, mix):
             w = fope.frequencies[: fope.d_in]
             oq, ok = fope_apply_qk(
                 q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin, cfg.interleaved,
-                mix=mix,
+                **ways[way],
             )  # fmt: skip
         (((oq * oq).sum() + ok.sum()) / q.numel() ** 0.5).backward()
-        res[way] = (oq, ok, q.grad, k.grad, fope.coef_cos.grad, fope.coef_sin.grad)
-    for a, b in zip(res[mix], res["torch"], strict=True):
-        assert _maxdiff(a, b) <= 1e-5
+        grads = (fope.coef_cos.grad, fope.coef_sin.grad) if cfg.learnable else ()
+        res[way] = (oq, ok, q.grad, k.grad, *grads)
+    return res
 
 
 def test_unknown_mix_is_a_clear_error(monkeypatch):
@@ -336,22 +345,8 @@ def test_group_block_equals_one_group_per_program(mix, monkeypatch):
         cfg = fope.config
         q, k = _qk(21, 2, heads, groups, d)
         pos = torch.arange(21, device=DEVICE) * 3 + 5
-        res = {}
-        for way in ("torch", 2, 4):
-            fope.zero_grad(set_to_none=True)
-            q.grad = k.grad = None
-            if way == "torch":
-                oq, ok = fope.apply_qk(q, k, pos, 1)
-            else:
-                a_cos, a_sin = fope._local(1, None)
-                w = fope.frequencies[: fope.d_in]
-                oq, ok = fope_apply_qk(
-                    q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin,
-                    cfg.interleaved, mix=mix, group_block=way,
-                )  # fmt: skip
-            (((oq * oq).sum() + ok.sum()) / q.numel() ** 0.5).backward()
-            grads = (fope.coef_cos.grad, fope.coef_sin.grad) if learnable else ()
-            res[way] = (oq, ok, q.grad, k.grad, *grads)
+        ways = {gb: dict(mix=mix, group_block=gb) for gb in (2, 4)}
+        res = _layer1_kernel_and_torch(fope, q, k, pos, ways)
         for way in (2, 4):
             for a, b in zip(res[way], res["torch"], strict=True):
                 assert _maxdiff(a, b) <= 1e-5
