@@ -123,6 +123,7 @@ def build_step(
         )
         fope = FourierPositionEmbedding(cfg).to(device)
         fusion = "torch" if name == "fope_torch" else "triton"
+        fope_info = {"d_in": fope.d_in, "d_out": fope.d_out, "rotary_dim": cfg.rotary_dim}
         if name in VARIANTS:
             from ..fope.triton_apply import fope_apply_qk
 
@@ -136,16 +137,12 @@ def build_step(
                     q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix=mix, group_block=gb
                 )  # fmt: skip
 
-            return variant_step, {
-                "d_in": fope.d_in,
-                "d_out": fope.d_out,
-                "rotary_dim": cfg.rotary_dim,
-            }
+            return variant_step, fope_info
 
         def fope_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
             return fope.apply_qk(q, k, positions, 0, fusion=fusion)
 
-        return fope_step, {"d_in": fope.d_in, "d_out": fope.d_out, "rotary_dim": cfg.rotary_dim}
+        return fope_step, fope_info
     info = {"rotary_dim": head_dim}
     if name == "rope_fused_grouped":
         from ..fope.triton_apply import rope_apply_qk

@@ -140,9 +140,12 @@ class PasskeyMixture(torch.utils.data.Dataset):
         self.base, self.fraction, self.tokenizer = base, float(fraction), tokenizer
         self.seq_length, self.seed = int(seq_length), int(seed)
         longest = prompt_length(tokenizer, self.seq_length)  # what the evaluation uses at 1x
-        self.min_len = longest - filler_budget(tokenizer, longest)  # no filler at all
+        self.min_len = fixed_tokens(tokenizer)  # no filler at all
         if self.min_len > longest:
-            raise ValueError(f"seq_length {seq_length} is too short for a passkey prompt")
+            need = self.seq_length - longest + self.min_len
+            raise ValueError(
+                f"seq_length {seq_length} is too short for a passkey prompt; use >= {need}"
+            )
         self.max_len = longest
         self._dot = tokenizer.encode(".") + [tokenizer.eod]
         self._filler = tokenizer.encode(FILLER)

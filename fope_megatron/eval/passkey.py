@@ -52,9 +52,8 @@ from fope_megatron.eval.perplexity import LogitsFn
 
 __all__ = [
     "ANSWER", "FILLER", "NEEDLE_HEAD", "NEEDLE_TAIL", "QUESTION", "PasskeySample",
-    "bucket_labels", "evaluate_passkey", "filler_budget", "fixed_tokens", "make_passkey_sample", "prompt_length",
-    "sample_trials",
-    "score_samples",
+    "bucket_labels", "evaluate_passkey", "filler_budget", "fixed_tokens", "make_passkey_sample",
+    "prompt_length", "sample_trials", "score_samples",
 ]  # fmt: skip
 
 GreedyFn = Callable[[torch.Tensor, int], torch.Tensor]
