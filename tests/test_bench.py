@@ -69,27 +69,30 @@ def test_suite_times_the_kernel_variants_only_when_asked():
 
 
 def test_suite_grouped_variants_run_and_match_their_defaults():
-    """The ``*_grouped`` methods (every KV group in one program) run in the suite, are compared
-    with the best RoPE like the default kernel, and give the default's outputs."""
+    """The ``*_grouped`` methods (every KV group in one program) and the ``*_tile`` ones (a
+    group's heads as one tile) run in the suite, are compared with the best RoPE like the
+    default kernel, and give the default's outputs."""
     import torch
 
     from fope_megatron.bench.methods import build_step
     from fope_megatron.bench.suite import format_suite, run_suite
 
     cpu = torch.device("cpu")
-    names = ["fope_fused", "fope_fused_grouped", "rope_fused", "rope_fused_grouped"]
+    names = ["fope_fused", "fope_fused_grouped", "fope_fused_tile", "rope_fused",
+             "rope_fused_grouped", "rope_fused_tile"]  # fmt: skip
     doc = run_suite(cpu, seqs=[16], methods=names, dtype=torch.float32, train_seq_len=16,
                     repeats=1, warmup=0, heads=4, groups=2, head_dim=32, copy_bytes=2**20)  # fmt: skip
     row = doc["results"][0]
-    assert set(row["over_best_rope"]) == {"fope_fused", "fope_fused_grouped"}
-    assert row["best_fused_rope"] in ("rope_fused", "rope_fused_grouped")
+    assert set(row["over_best_rope"]) == {"fope_fused", "fope_fused_grouped", "fope_fused_tile"}
+    assert row["best_fused_rope"] in ("rope_fused", "rope_fused_grouped", "rope_fused_tile")
     assert "variants / " in format_suite(doc)
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(16, 1, 4, 32, generator=gen), torch.randn(16, 1, 2, 32, generator=gen)
     for name in ("fope_fused", "rope_fused"):
         torch.manual_seed(0)  # the same FoPE coefficients for both builds
         base = build_step(name, 16, 4, 2, 32, 16, cpu)[0](q, k)
-        torch.manual_seed(0)
-        grouped = build_step(name + "_grouped", 16, 4, 2, 32, 16, cpu)[0](q, k)
-        for a, b in zip(base, grouped, strict=True):
-            assert (a - b).abs().max().item() <= 1e-6
+        for variant in ("_grouped", "_tile"):
+            torch.manual_seed(0)
+            other = build_step(name + variant, 16, 4, 2, 32, 16, cpu)[0](q, k)
+            for a, b in zip(base, other, strict=True):
+                assert (a - b).abs().max().item() <= 1e-6

@@ -378,3 +378,53 @@ def test_rope_group_block_equals_torch_rope():
         res[way] = (oq.detach(), ok.detach(), q.grad.clone(), k.grad.clone())
     for a, b in zip(res[4], res["torch"], strict=True):
         assert _maxdiff(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_head_tile_equals_torch(name, monkeypatch):
+    """``heads='tile'`` (a group's heads as one tile per half, batch row 0 loaded before the
+    tables) equals the torch path in outputs and q/k gradients for every layout case, with one
+    group and with all groups per program, frozen (backward tiled too) and trainable (the
+    coefficient-gradient backward goes head by head); ``$FOPE_TRITON_HEADS`` selects it."""
+    heads, groups, d, L, extra = CASES[name]
+    q, k = _qk(19, 2, heads, groups, d)
+    pos = torch.arange(19, device=DEVICE) * 7 + 300
+    for learnable in (False, True):
+        fope = _fope(heads, groups, d, L, learnable=learnable, **extra)
+        ways = {
+            "dot": dict(mix="dot", heads="tile"),
+            "loop_all_groups": dict(mix="loop", group_block=groups, heads="tile"),
+        }
+        res = _layer1_kernel_and_torch(fope, q, k, pos, ways)
+        for way in ways:
+            for a, b in zip(res[way], res["torch"], strict=True):
+                assert _maxdiff(a, b) <= 1e-5, (way, learnable)
+    cfg = fope.config
+    a_cos, a_sin = fope._local(1, None)
+    w = fope.frequencies[: fope.d_in]
+    monkeypatch.setenv("FOPE_TRITON_HEADS", "tile")
+    env = fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin,
+                        cfg.interleaved, mix="dot")  # fmt: skip
+    assert _maxdiff(env[0], res["dot"][0]) == 0.0 and _maxdiff(env[1], res["dot"][1]) == 0.0
+    monkeypatch.setenv("FOPE_TRITON_HEADS", "rows")
+    with pytest.raises(ValueError, match=r"FOPE_TRITON_HEADS='rows' unknown; allowed: \('each'"):
+        fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim)
+
+
+def test_rope_head_tile_equals_torch_rope():
+    """The RoPE limit with ``heads='tile'``, one key head and all key heads per program."""
+    rope = RotaryEmbeddingTables(32).to(DEVICE)
+    q, k = _qk(19, 2, 8, 4, 32)
+    pos = torch.arange(19, device=DEVICE) * 13
+    res = {}
+    for way in ("torch", 1, 4):
+        q.grad = k.grad = None
+        if way == "torch":
+            oq, ok = rope.apply_qk(q, k, pos, fusion="torch")
+        else:
+            oq, ok = rope_apply_qk(q, k, pos, rope.frequencies, 32, group_block=way, heads="tile")
+        (oq.sum() + (ok * ok).sum()).backward()
+        res[way] = (oq.detach(), ok.detach(), q.grad.clone(), k.grad.clone())
+    for way in (1, 4):
+        for a, b in zip(res[way], res["torch"], strict=True):
+            assert _maxdiff(a, b) <= 1e-5

@@ -258,7 +258,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=16, help="query heads H")
     p.add_argument("--groups", type=int, default=16, help="KV groups G (= heads: MHA)")
     p.add_argument("--head-dim", type=int, default=128, help="head dim d")
-    p.add_argument("--train-seq-len", type=int, default=512, help="FoPE floor length L")
+    p.add_argument(
+        "--train-seq-len",
+        type=int,
+        help="FoPE floor length L (default 512; --suite: 4096, the 1B/7B configs' length)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeats", type=int, default=10, help="timed passes per method")
@@ -279,6 +283,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seqs", help="--suite: comma list of sequence lengths (default 4096,8192)")
     args = p.parse_args(argv)
+    if args.train_seq_len is None:
+        args.train_seq_len = 4096 if args.suite else 512
     if args.methods:
         bad = [m for m in args.methods.split(",") if m not in METHODS]
         if bad:

@@ -13,9 +13,12 @@ Methods (``available_methods`` says which run here):
 - ``fope_fused_narrow``: the same kernel multiplying only the Fourier columns (``dot_narrow``).
 - ``fope_fused_grouped`` / ``fope_fused_narrow_grouped``: ``dot`` / ``dot_narrow`` with every KV
   group in one program (``group_block``: the angles' cos/sin computed once, not once per group).
+- ``fope_fused_tile`` / ``fope_fused_narrow_tile`` / ``fope_fused_grouped_tile``: the same with
+  ``heads='tile'`` (a group's heads as one tile, loaded before the tables are formed).
 - ``fope_torch``: the torch reference path (float32 tables, then apply).
 - ``rope_fused``: the same Triton kernel in its RoPE limit.
 - ``rope_fused_grouped``: the same with every key head in one program (one cos/sin table).
+- ``rope_fused_tile``: the RoPE limit with ``heads='tile'``.
 - ``rope_te``: transformer-engine's fused RoPE through megatron-core (q and k calls summed).
 - ``rope_liger``: Liger-Kernel's Triton RoPE (one launch for q and k, HF layout views).
 - ``rope_compile``: megatron's unfused RoPE formula under ``torch.compile``.
@@ -41,9 +44,13 @@ METHODS = (
     "fope_fused_narrow",
     "fope_fused_grouped",
     "fope_fused_narrow_grouped",
+    "fope_fused_tile",
+    "fope_fused_narrow_tile",
+    "fope_fused_grouped_tile",
     "fope_torch",
     "rope_fused",
     "rope_fused_grouped",
+    "rope_fused_tile",
     "rope_te",
     "rope_liger",
     "rope_compile",
@@ -58,15 +65,19 @@ def _quiet_import(name: str):
 
 
 VARIANTS = {
-    "fope_fused_loop": ("loop", 1),
-    "fope_fused_tf32x3": ("dot_tf32x3", 1),
-    "fope_fused_narrow": ("dot_narrow", 1),
-    "fope_fused_grouped": ("dot", None),
-    "fope_fused_narrow_grouped": ("dot_narrow", None),
-    "rope_fused_grouped": (None, None),
+    "fope_fused_loop": ("loop", 1, "each"),
+    "fope_fused_tf32x3": ("dot_tf32x3", 1, "each"),
+    "fope_fused_narrow": ("dot_narrow", 1, "each"),
+    "fope_fused_grouped": ("dot", None, "each"),
+    "fope_fused_narrow_grouped": ("dot_narrow", None, "each"),
+    "fope_fused_tile": ("dot", 1, "tile"),
+    "fope_fused_narrow_tile": ("dot_narrow", 1, "tile"),
+    "fope_fused_grouped_tile": ("dot", None, "tile"),
+    "rope_fused_grouped": (None, None, "each"),
+    "rope_fused_tile": (None, 1, "tile"),
 }
-"""Variants of the fused kernel, ``(mix, group_block)`` (None: every group in one program),
-timed only when named."""
+"""Variants of the fused kernel, ``(mix, group_block, heads)`` (group_block None: every group
+in one program), timed only when named."""
 
 
 def available_methods(device: torch.device, variants: bool = False) -> list[str]:
@@ -129,12 +140,13 @@ def build_step(
 
             a_cos, a_sin = fope.coef_cos[0], fope.coef_sin[0]
             w_in = fope.frequencies[: fope.d_in]
-            mix, gb = VARIANTS[name]
+            mix, gb, hw = VARIANTS[name]
             gb = gb or groups
 
             def variant_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                 return fope_apply_qk(
-                    q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix=mix, group_block=gb
+                    q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix=mix, group_block=gb,
+                    heads=hw,
                 )  # fmt: skip
 
             return variant_step, fope_info
@@ -144,15 +156,18 @@ def build_step(
 
         return fope_step, fope_info
     info = {"rotary_dim": head_dim}
-    if name == "rope_fused_grouped":
+    if name in VARIANTS:  # the RoPE limit's variants
         from ..fope.triton_apply import rope_apply_qk
 
         w = RotaryEmbeddingTables(head_dim).to(device).frequencies
+        _, gb, hw = VARIANTS[name]
 
-        def grouped_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-            return rope_apply_qk(q, k, positions, w, head_dim, group_block=k.shape[2])
+        def variant_rope(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+            return rope_apply_qk(
+                q, k, positions, w, head_dim, group_block=gb or k.shape[2], heads=hw
+            )  # fmt: skip
 
-        return grouped_step, info
+        return variant_rope, info
     if name in ("rope_fused", "rope_te"):
         rope = RotaryEmbeddingTables(head_dim).to(device)
         fusion = "triton" if name == "rope_fused" else "te"

@@ -21,11 +21,13 @@ from torch.profiler import ProfilerActivity, profile
 from .methods import build_step
 
 
-def profile_method(name: str, seq: int, device: torch.device, iters: int) -> str:
+def profile_method(
+    name: str, seq: int, device: torch.device, iters: int, train_seq_len: int = 4096
+) -> str:
     q = torch.randn(seq, 1, 32, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(seq, 1, 8, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
-    step, _ = build_step(name, seq, 32, 8, 128, 4096, device)
+    step, _ = build_step(name, seq, 32, 8, 128, train_seq_len, device)
 
     def both() -> None:
         q.grad = k.grad = None
@@ -62,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--train-seq-len", type=int, default=4096, help="FoPE floor length L")
     p.add_argument("--methods", default="fope_fused,rope_fused")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -69,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--device cuda: torch.cuda.is_available() is False here")
     for name in args.methods.split(","):
         print(f"## {name}, s={args.seq}, {args.iters} x forward+backward")
-        print(profile_method(name, args.seq, device, args.iters))
+        print(profile_method(name, args.seq, device, args.iters, args.train_seq_len))
     print("## autotune choices (per launch kind)")
     print("\n".join(autotune_choices()))
     return 0

@@ -210,8 +210,12 @@ def run_suite(
                 "fwd_bwd_pct_of_copy": 100 * (2 * io_bytes / both) / bw,
                 "saved_bytes": saved[name],
             }
-        fused = ("rope_te", "rope_liger", "rope_compile", "rope_fused", "rope_fused_grouped")
-        rope_fused = [n for n in fused if "fwd_bwd_ms" in row.get(n, {})]
+        fused = ("rope_te", "rope_liger", "rope_compile")
+        rope_fused = [
+            n
+            for n in names
+            if (n in fused or n.startswith("rope_fused")) and "fwd_bwd_ms" in row.get(n, {})
+        ]
         if rope_fused and "fope_fused" in row:
             best = min(rope_fused, key=lambda n: row[n]["fwd_bwd_ms"])
             row["best_fused_rope"] = best

@@ -134,6 +134,63 @@ def _rotate_heads(
 
 
 @triton.jit
+def _tile_offsets(
+    s_idx, bi, head0, hh, jh, s_s, s_b, s_h, s_d, HALF: tl.constexpr, INTERLEAVED: tl.constexpr
+):  # fmt: skip
+    """Offsets ``[BLOCK_S, heads, pairs]`` of both halves of heads ``head0 + hh`` of row ``bi``."""
+    row = s_idx[:, None, None] * s_s + bi * s_b + (head0 + hh)[None, :, None] * s_h
+    if INTERLEAVED:
+        d1 = 2 * jh
+        d2 = 2 * jh + 1
+    else:
+        d1 = jh
+        d2 = jh + HALF
+    return row + d1[None, None, :] * s_d, row + d2[None, None, :] * s_d
+
+
+@triton.jit
+def _tile_load(
+    X, s_idx, m3, bi, head0, hh, jh, sx_s, sx_b, sx_h, sx_d,
+    HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    """Both halves of a group's heads of batch row ``bi`` as two ``[BLOCK_S, heads, pairs]``
+    tiles in the input dtype (one load each: every head's bytes in flight together)."""
+    o1, o2 = _tile_offsets(s_idx, bi, head0, hh, jh, sx_s, sx_b, sx_h, sx_d, HALF, INTERLEAVED)
+    return tl.load(X + o1, mask=m3, other=0.0), tl.load(X + o2, mask=m3, other=0.0)
+
+
+@triton.jit
+def _tile_store(
+    x1, x2, Out, s_idx, m3, bi, head0, hh, jh, so_s, so_b, so_h, so_d, C, Sn,
+    HALF: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """``x*C + rotate_half(x)*S`` (SIGN -1: the transpose) on loaded tiles, stored to ``Out``."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    c = C[:, None, :]
+    sn = Sn[:, None, :]
+    o1 = x1 * c - SIGN * (x2 * sn)
+    o2 = x2 * c + SIGN * (x1 * sn)
+    p1, p2 = _tile_offsets(s_idx, bi, head0, hh, jh, so_s, so_b, so_h, so_d, HALF, INTERLEAVED)
+    tl.store(Out + p1, _out(o1, Out, ROUND_BF16), mask=m3)
+    tl.store(Out + p2, _out(o2, Out, ROUND_BF16), mask=m3)
+
+
+@triton.jit
+def _tile_pass(
+    X, Out, s_idx, s_mask, B, head0, hh, h_mask, pj, sx_s, sx_b, sx_h, sx_d,
+    so_s, so_b, so_h, so_d, D_R: tl.constexpr, D_PASS: tl.constexpr,
+):  # fmt: skip
+    """Pass-through dims ``D_R + pj`` of a group's heads copied, every batch row."""
+    mp = s_mask[:, None, None] & h_mask[None, :, None] & (pj < D_PASS)[None, None, :]
+    for bi in range(B):
+        xi = s_idx[:, None, None] * sx_s + bi * sx_b + (head0 + hh)[None, :, None] * sx_h
+        oi = s_idx[:, None, None] * so_s + bi * so_b + (head0 + hh)[None, :, None] * so_h
+        xp = tl.load(X + xi + (D_R + pj[None, None, :]) * sx_d, mask=mp, other=0.0)
+        tl.store(Out + oi + (D_R + pj[None, None, :]) * so_d, xp.to(Out.dtype.element_ty), mask=mp)
+
+
+@triton.jit
 def _fope_qk_kernel(
     Q, K, OQ, OK, GQ, GK, POS, W, ACOS, ASIN, DACOS, DASIN, S, B,
     sq_s, sq_b, sq_h, sq_d, sk_s, sk_b, sk_h, sk_d,
@@ -147,6 +204,7 @@ def _fope_qk_kernel(
     COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
     MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16, DOT_PREC: tl.constexpr = "ieee",
     NARROW: tl.constexpr = False, OUT_P2: tl.constexpr = 16, GROUP_BLOCK: tl.constexpr = 1,
+    HEAD_TILE: tl.constexpr = False, QH_P2: tl.constexpr = 1, KH_P2: tl.constexpr = 1,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -160,27 +218,43 @@ def _fope_qk_kernel(
     pj = tl.arange(0, PASS_P2)
     pos = tl.load(POS + s_idx, mask=s_mask, other=0).to(tl.float32)
 
-    # What does not depend on the group is computed once for the program's GROUP_BLOCK groups:
-    # the RoPE tables, or the [BLOCK_S, D_in] cos/sin tile that the dot mixes per group.
-    if ROPE:
-        w = tl.load(W + jh, mask=f_mask, other=0.0).to(tl.float32)
-        ang = _reduce(pos[:, None] * w[None, :])
-        C = tl.cos(ang)
-        Sn = tl.sin(ang)
-    elif MIX_DOT:
-        # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
-        # product per table and group: C = cos(p w) @ A_cos[g], S = sin(p w) @ A_sin[g], in
-        # IEEE fp32 (FMA units) or 3xTF32 (tensor cores, split operands: about fp32 accuracy).
-        ki = tl.arange(0, IN_P2)
-        k_mask = ki < D_IN
-        w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
-        ang = _reduce(pos[:, None] * w[None, :])
-        cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
-        sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
-        a_m = k_mask[:, None] & f_mask[None, :]
+    if HEAD_TILE:
+        hq = tl.arange(0, QH_P2)
+        hk = tl.arange(0, KH_P2)
+        j3 = (jh < HALF)[None, None, :]
+        mq = s_mask[:, None, None] & (hq < QH_PER_G)[None, :, None] & j3
+        mk = s_mask[:, None, None] & (hk < KH_PER_G)[None, :, None] & j3
 
     for gi in tl.static_range(GROUP_BLOCK):
         g = pid_g * GROUP_BLOCK + gi
+        if HEAD_TILE:
+            # Batch row 0 of the group's heads is loaded before its tables are formed, so the
+            # table math runs while these bytes are in flight.
+            xq1, xq2 = _tile_load(
+                Q, s_idx, mq, 0, g * QH_PER_G, hq, jh, sq_s, sq_b, sq_h, sq_d, HALF, INTERLEAVED
+            )
+            xk1, xk2 = _tile_load(
+                K, s_idx, mk, 0, g * KH_PER_G, hk, jh, sk_s, sk_b, sk_h, sk_d, HALF, INTERLEAVED
+            )
+        if gi == 0:
+            # What does not depend on the group is computed once for the program's GROUP_BLOCK groups:
+            # the RoPE tables, or the [BLOCK_S, D_in] cos/sin tile that the dot mixes per group.
+            if ROPE:
+                w = tl.load(W + jh, mask=f_mask, other=0.0).to(tl.float32)
+                ang = _reduce(pos[:, None] * w[None, :])
+                C = tl.cos(ang)
+                Sn = tl.sin(ang)
+            elif MIX_DOT:
+                # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
+                # product per table and group: C = cos(p w) @ A_cos[g], S = sin(p w) @ A_sin[g], in
+                # IEEE fp32 (FMA units) or 3xTF32 (tensor cores, split operands: about fp32 accuracy).
+                ki = tl.arange(0, IN_P2)
+                k_mask = ki < D_IN
+                w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
+                ang = _reduce(pos[:, None] * w[None, :])
+                cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
+                sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
+                a_m = k_mask[:, None] & f_mask[None, :]
         if not ROPE:
             if MIX_DOT:
                 if NARROW:
@@ -222,16 +296,52 @@ def _fope_qk_kernel(
 
         dC = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
         dS = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-        dC, dS = _rotate_heads(
-            Q, OQ, GQ, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
-            sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
-            dC, dS, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
-        )  # fmt: skip
-        dC, dS = _rotate_heads(
-            K, OK, GK, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
-            sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
-            dC, dS, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
-        )  # fmt: skip
+        if HEAD_TILE:  # (no COEF_GRAD: that launch goes head by head)
+            _tile_store(
+                xq1, xq2, OQ, s_idx, mq, 0, g * QH_PER_G, hq, jh,
+                soq_s, soq_b, soq_h, soq_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
+            )  # fmt: skip
+            _tile_store(
+                xk1, xk2, OK, s_idx, mk, 0, g * KH_PER_G, hk, jh,
+                sok_s, sok_b, sok_h, sok_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
+            )  # fmt: skip
+            for bi in range(1, B):
+                yq1, yq2 = _tile_load(
+                    Q, s_idx, mq, bi, g * QH_PER_G, hq, jh, sq_s, sq_b, sq_h, sq_d,
+                    HALF, INTERLEAVED,
+                )  # fmt: skip
+                yk1, yk2 = _tile_load(
+                    K, s_idx, mk, bi, g * KH_PER_G, hk, jh, sk_s, sk_b, sk_h, sk_d,
+                    HALF, INTERLEAVED,
+                )  # fmt: skip
+                _tile_store(
+                    yq1, yq2, OQ, s_idx, mq, bi, g * QH_PER_G, hq, jh,
+                    soq_s, soq_b, soq_h, soq_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
+                )  # fmt: skip
+                _tile_store(
+                    yk1, yk2, OK, s_idx, mk, bi, g * KH_PER_G, hk, jh,
+                    sok_s, sok_b, sok_h, sok_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
+                )  # fmt: skip
+            if D_PASS > 0:
+                _tile_pass(
+                    Q, OQ, s_idx, s_mask, B, g * QH_PER_G, hq, hq < QH_PER_G, pj,
+                    sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, D_R, D_PASS,
+                )  # fmt: skip
+                _tile_pass(
+                    K, OK, s_idx, s_mask, B, g * KH_PER_G, hk, hk < KH_PER_G, pj,
+                    sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, D_R, D_PASS,
+                )  # fmt: skip
+        else:
+            dC, dS = _rotate_heads(
+                Q, OQ, GQ, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
+                sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
+                dC, dS, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+            )  # fmt: skip
+            dC, dS = _rotate_heads(
+                K, OK, GK, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
+                sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
+                dC, dS, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
+            )  # fmt: skip
 
         if COEF_GRAD:
             # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0;
@@ -283,11 +393,15 @@ _fope_qk_tuned = triton.autotune(
         "DOT_PREC",
         "NARROW",
         "GROUP_BLOCK",
+        "HEAD_TILE",
     ],
 )(_fope_qk_kernel)
 
 MIXES = ("dot", "dot_tf32x3", "dot_narrow", "loop")
 """How the fused kernel forms its tables (see :func:`fope_apply_qk`)."""
+
+HEADS = ("each", "tile")
+"""How a program walks its group's heads (see :func:`fope_apply_qk`)."""
 
 # The coefficient-gradient launch writes per-block partials, so it runs one fixed block size.
 _COEF_GRAD_BLOCK = 16
@@ -339,6 +453,7 @@ def _launch(
     grad_inputs: tuple[Tensor, Tensor] | None = None,
     mix: str = "dot",
     group_block: int = 1,
+    heads: str = "each",
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """One launch over (position blocks, blocks of ``group_block`` groups). ``a_cos is None``:
     RoPE limit."""
@@ -389,7 +504,9 @@ def _launch(
         grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), n_groups // group_block)  # noqa: E731
         _fope_qk_tuned[grid](
             *args, dummy, dummy, s, b, *strides, float(zero_freq_sin), COEF_GRAD=False,
-            GROUP_BLOCK=group_block, **common,
+            GROUP_BLOCK=group_block, HEAD_TILE=heads == "tile",
+            QH_P2=triton.next_power_of_2(hq // n_groups),
+            KH_P2=triton.next_power_of_2(hk // n_groups), **common,
         )  # fmt: skip
         return out_q, out_k, None, None
     blocks = triton.cdiv(s, _COEF_GRAD_BLOCK)  # >= 16 rows: tl.dot's minimum
@@ -405,16 +522,27 @@ def _launch(
 class _FusedFoPE(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, q, k, positions, w, a_cos, a_sin, rotary_dim, zero_freq_sin, interleaved, mix, gb
-    ):
+        ctx, q, k, positions, w, a_cos, a_sin, rotary_dim, zero_freq_sin, interleaved, mix, gb,
+        heads,
+    ):  # fmt: skip
         n_groups = a_cos.shape[0] if a_cos is not None else k.shape[2]
         out_q, out_k, _, _ = _launch(
             q, k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin, interleaved, 1,
-            mix=mix, group_block=gb,
+            mix=mix, group_block=gb, heads=heads,
         )  # fmt: skip
         learn = a_cos is not None and (a_cos.requires_grad or a_sin.requires_grad)
         shapes = (q.shape, k.shape)
-        ctx.meta = (n_groups, rotary_dim, zero_freq_sin, interleaved, learn, *shapes, mix, gb)
+        ctx.meta = (
+            n_groups,
+            rotary_dim,
+            zero_freq_sin,
+            interleaved,
+            learn,
+            *shapes,
+            mix,
+            gb,
+            heads,
+        )
         # Frozen coefficients: nothing activation-sized is kept (positions, w and the
         # [G, D_in, D_out] coefficients only). Trainable ones need the inputs for dA.
         if learn:
@@ -425,9 +553,8 @@ class _FusedFoPE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
-        n_groups, rotary_dim, zero_freq_sin, interleaved, learn, shape_q, shape_k, mix, gb = (
-            ctx.meta
-        )
+        n_groups, rotary_dim, zero_freq_sin, interleaved, learn, *shapes, mix, gb, heads = ctx.meta
+        shape_q, shape_k = shapes
         saved = ctx.saved_tensors
         positions, w, a_cos, a_sin = saved[:4]
         inputs = (saved[4], saved[5]) if learn else None
@@ -438,9 +565,9 @@ class _FusedFoPE(torch.autograd.Function):
             grad_k = like.new_zeros(shape_k)
         dq, dk, da_cos, da_sin = _launch(
             grad_q, grad_k, positions, w, a_cos, a_sin, n_groups, rotary_dim, zero_freq_sin,
-            interleaved, -1, inputs, mix, gb,
+            interleaved, -1, inputs, mix, gb, heads,
         )  # fmt: skip
-        return dq, dk, None, None, da_cos, da_sin, None, None, None, None, None
+        return dq, dk, None, None, da_cos, da_sin, None, None, None, None, None, None
 
 
 def fope_apply_qk(
@@ -455,6 +582,7 @@ def fope_apply_qk(
     interleaved: bool = False,
     mix: str | None = None,
     group_block: int | None = None,
+    heads: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused FoPE on ``q`` ``[s, b, Hq, d]`` and ``k`` ``[s, b, Hk, d]`` (any strides).
 
@@ -475,6 +603,12 @@ def fope_apply_qk(
         group_block: KV groups per program (default: ``$FOPE_TRITON_GROUP_BLOCK``, else 1); a
             divisor of the groups q/k hold. Above 1 a program computes the angles' cos/sin once
             for its groups and mixes them per group, with fewer programs in the launch.
+        heads: how a program walks its group's heads (default: ``$FOPE_TRITON_HEADS``, else
+            ``each``): ``each`` (one head at a time, loaded after the tables are formed) or
+            ``tile`` (all of the group's query heads, and its key heads, as one
+            ``[block, heads, pairs]`` tile per half, the first batch row loaded before the
+            tables are formed so the table math overlaps the loads). The trainable-coefficient
+            backward always goes head by head.
 
     Returns ``(q', k')``, new contiguous tensors of q's dtype; math in float32.
     """
@@ -497,7 +631,7 @@ def fope_apply_qk(
     gb = _group_block(group_block, a_cos.shape[0])
     return _FusedFoPE.apply(
         q, k, positions, w_in.float().contiguous(), a_cos.contiguous(), a_sin.contiguous(),
-        int(rotary_dim), float(zero_freq_sin), bool(interleaved), mix, gb,
+        int(rotary_dim), float(zero_freq_sin), bool(interleaved), mix, gb, _heads(heads),
     )  # fmt: skip
 
 
@@ -509,11 +643,12 @@ def rope_apply_qk(
     rotary_dim: int,
     interleaved: bool = False,
     group_block: int | None = None,
+    heads: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused RoPE (FoPE's limit: identity coefficients, no floor) on q and k in one launch.
 
-    ``w``: the ``d_r/2`` frequencies, float32. Shapes, strides and ``group_block`` (here: key
-    heads per program, which share the tables) as :func:`fope_apply_qk`.
+    ``w``: the ``d_r/2`` frequencies, float32. Shapes, strides, ``heads`` and ``group_block``
+    (here: key heads per program, which share the tables) as :func:`fope_apply_qk`.
     """
     if w.shape != (rotary_dim // 2,):
         raise ValueError(f"w {tuple(w.shape)} must be [d_r/2] = [{rotary_dim // 2}]")
@@ -523,8 +658,18 @@ def rope_apply_qk(
     gb = _group_block(group_block, k.shape[2])
     return _FusedFoPE.apply(
         q, k, positions, w.float().contiguous(), None, None, int(rotary_dim), 1.0,
-        bool(interleaved), "loop", gb,
+        bool(interleaved), "loop", gb, _heads(heads),
     )  # fmt: skip
+
+
+def _heads(heads: str | None) -> str:
+    """How programs walk their heads: the argument, else ``$FOPE_TRITON_HEADS``, else each."""
+    where = "heads"
+    if heads is None:
+        where, heads = "FOPE_TRITON_HEADS", os.environ.get("FOPE_TRITON_HEADS") or "each"
+    if heads not in HEADS:
+        raise ValueError(f"{where}={heads!r} unknown; allowed: {HEADS}")
+    return heads
 
 
 def _group_block(group_block: int | None, n_groups: int) -> int:

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Time the fused kernel's variants beside the RoPEs, test them on CUDA and profile them, in ONE
+# call of a lent GPU (issue 9), inside a time budget:
+#
+#   scripts/gpu_variants.sh OUT [--budget SECONDS] [--device cuda|cpu] [--seq N] [--jobs N]
+#
+# 1. offline install (scripts/gpu_check.sh --only install);
+# 2. every method's Triton kernels compiled in parallel processes (`--jobs`, one per method and
+#    FoPE floor L), which fills Triton's on-disk cache, while the kernel tests run on CUDA: the
+#    timed run after it then only autotunes (no compile in the timing process);
+# 3. the benchmark suite at L=4096 for every variant, one process, nothing else on the GPU;
+# 4. profile_apply of the default, the fastest FoPE variant and both RoPEs;
+# 5. as time allows: the suite at L=512 (the floor of the earlier GPU numbers) and at 2*seq.
+# Every step gets min(its own limit, what is left of --budget); whatever ran is in OUT (log.txt,
+# and results.tgz with every file). --device cpu runs the same steps under TRITON_INTERPRET=1 at
+# tiny shapes with the CPU venv (a check of the script, no timing).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+[ $# -ge 1 ] || { echo "usage: $0 OUT [--budget S] [--device cuda|cpu] [--seq N] [--jobs N]" >&2; exit 2; }
+out=$1
+shift
+budget=420
+device=cuda
+seq=4096
+jobs=16
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) budget=$2; shift 2 ;;
+    --device) device=$2; shift 2 ;;
+    --seq) seq=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    *) echo "error: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+done
+for v in "$budget" "$seq" "$jobs"; do
+  [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "error: '$v' is not a positive integer" >&2; exit 2; }
+done
+case "$device" in cuda|cpu) ;; *) echo "error: --device $device: allowed cuda, cpu" >&2; exit 2 ;; esac
+
+fope=fope_fused,fope_fused_narrow,fope_fused_grouped,fope_fused_narrow_grouped,fope_fused_tile,fope_fused_narrow_tile,fope_fused_grouped_tile
+rope=rope_fused,rope_fused_grouped,rope_fused_tile,rope_liger
+long_l=4096
+short_l=512
+repeats=(--repeats 30 --warmup 5)
+tests=(tests/test_triton_apply.py tests/test_fused_model.py)
+if [ "$device" = cpu ]; then
+  export TRITON_INTERPRET=1
+  P=${GPU_PY:-.venv/bin/python}
+  long_l=16
+  short_l=8
+  repeats=(--repeats 1 --warmup 0)
+  tests=(tests/test_triton_apply.py -k "fused_equals_torch_float32 and mha")
+else
+  P=${GPU_PY:-.venv-gpu/bin/python}
+fi
+
+work=$out/work
+mkdir -p "$work"
+log=$out/log.txt
+t0=$(date +%s)
+deadline=$((t0 + budget))
+say() { echo "[gpu_variants +$(( $(date +%s) - t0 ))s] $*" | tee -a "$log"; }
+left() { echo $(( deadline - $(date +%s) )); }
+# step NAME MAX_SECONDS CMD...: run with min(MAX, budget left), output to work/NAME.txt
+step() {
+  local name=$1 max=$2 l rc=0
+  shift 2
+  l=$(left)
+  if [ "$l" -lt 15 ]; then say "skip $name: budget spent"; return 1; fi
+  [ "$max" -gt "$l" ] && max=$l
+  say "start $name (limit ${max}s)"
+  timeout "$max" "$@" > "$work/$name.txt" 2>&1 || rc=$?
+  say "end $name: exit $rc"
+  return $rc
+}
+finish() {
+  tar czf "$out/results.tgz" -C "$work" . 2>/dev/null
+  say "done; results.tgz has: $(ls "$work" | tr '\n' ' ')"
+}
+trap finish EXIT
+
+if [ "$device" = cuda ]; then
+  step install 120 scripts/gpu_check.sh --only install --out "$work" || exit 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$work/nvidia_smi.txt" 2>&1
+fi
+
+# 2. compile in parallel (cache fill), kernel tests beside it
+say "warm: Triton cache for every method (jobs $jobs) + kernel tests"
+warm=()
+for m in ${fope//,/ }; do warm+=("$m $long_l"); done
+for m in ${rope//,/ }; do warm+=("$m $long_l"); done
+for m in fope_fused fope_fused_tile fope_fused_narrow_tile fope_fused_grouped_tile; do warm+=("$m $short_l"); done
+wl=$(( $(left) > 200 ? 200 : $(left) ))
+(
+  FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider -m "not slurm" \
+    "${tests[@]}" > "$work/pytest_cuda.txt" 2>&1
+  echo "pytest exit $?" >> "$work/pytest_cuda.txt"
+) &
+tpid=$!
+printf '%s\n' "${warm[@]}" | xargs -P "$jobs" -L 1 sh -c \
+  "timeout $wl '$P' -m fope_megatron.bench.profile_apply --device $device --seq $seq --iters 1 \
+   --methods \$0 --train-seq-len \$1 > '$work'/warm_\$0_L\$1.txt 2>&1 || echo \"warm \$0 L\$1: exit \$?\" >> '$log'"
+say "warm compiles done"
+wait "$tpid"
+say "kernel tests: $(tail -2 "$work/pytest_cuda.txt" | tr '\n' ' ')"
+
+# 3. the timed suite, every variant, realistic floor
+step suite_L$long_l 150 env TRITON_PRINT_AUTOTUNING=1 "$P" -m fope_megatron.bench.apply --suite \
+  --device "$device" --seqs "$seq" --train-seq-len "$long_l" --methods "$fope,$rope" "${repeats[@]}" \
+  --json "$work/suite_L$long_l.json"
+grep -E "^\| |best fused|variants /" "$work/suite_L$long_l.txt" | tee -a "$log"
+best=$("$P" - "$work/suite_L$long_l.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))["results"][0]
+    v = {n: m["fwd_bwd_ms"] for n, m in r.items()
+         if n.startswith("fope_fused") and isinstance(m, dict) and "fwd_bwd_ms" in m}
+    print(min(v, key=v.get))
+except Exception:
+    print("fope_fused")
+PY
+)
+say "fastest FoPE variant at L=$long_l: $best"
+
+# 4. kernel-level profile
+step profile 90 "$P" -m fope_megatron.bench.profile_apply --device "$device" --seq "$seq" \
+  --train-seq-len "$long_l" --methods "fope_fused,$best,rope_fused,rope_liger"
+
+# 5. the earlier floor, then twice the length
+step suite_L$short_l 90 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$seq" \
+  --train-seq-len "$short_l" --methods "fope_fused,fope_fused_tile,fope_fused_narrow_tile,fope_fused_grouped_tile,rope_fused,rope_liger" \
+  "${repeats[@]}" --json "$work/suite_L$short_l.json"
+grep -E "^\| |best fused|variants /" "$work/suite_L$short_l.txt" | tee -a "$log"
+step suite_2s 90 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$((2 * seq))" \
+  --train-seq-len "$long_l" --methods "fope_fused,$best,rope_fused,rope_liger" "${repeats[@]}" \
+  --json "$work/suite_2s.json"
+grep -E "^\| |best fused|variants /" "$work/suite_2s.txt" | tee -a "$log"
+exit 0
