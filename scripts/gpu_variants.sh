@@ -3,14 +3,19 @@
 # call of a lent GPU (issue 9), inside a time budget:
 #
 #   scripts/gpu_variants.sh OUT [--budget SECONDS] [--device cuda|cpu] [--seq N] [--jobs N]
+#                          [--fope M1,M2..] [--rope M1,..] [--test-env "VAR=v VAR2=v"]
 #
-# 1. offline install (scripts/gpu_check.sh --only install);
+# 1. offline install: the wheelhouse unpacked into .gpu-site (pip --target, no venv: seconds)
+#    for the node's python3, which keeps its CUDA torch and triton; this tree on PYTHONPATH;
 # 2. every method's Triton kernels compiled in parallel processes (`--jobs`, one per method and
-#    FoPE floor L), which fills Triton's on-disk cache, while the kernel tests run on CUDA: the
-#    timed run after it then only autotunes (no compile in the timing process);
-# 3. the benchmark suite at L=4096 for every variant, one process, nothing else on the GPU;
-# 4. profile_apply of the default, the fastest FoPE variant and both RoPEs;
-# 5. as time allows: the suite at L=512 (the floor of the earlier GPU numbers) and at 2*seq.
+#    FoPE floor L), which fills Triton's on-disk cache, while the kernel and fused-model tests
+#    run on CUDA with --test-env (e.g. the variant meant to become the default): the timed run
+#    after it then only autotunes (no compile in the timing process);
+# 3. the benchmark suite at L=4096 for every method, one process, nothing else on the GPU;
+# 4. as time allows: the suite at 2*seq and at L=512 (the floor of the earlier GPU numbers) for
+#    the default, the fastest FoPE variant and the RoPEs; profile_apply of the same.
+# A variant with every KV group in one program (*_grouped) takes minutes to compile (the
+# 8-group unroll): leave it out of a timed call.
 # Every step gets min(its own limit, what is left of --budget); whatever ran is in OUT (log.txt,
 # and results.tgz with every file). --device cpu runs the same steps under TRITON_INTERPRET=1 at
 # tiny shapes with the CPU venv (a check of the script, no timing).
@@ -24,12 +29,18 @@ budget=420
 device=cuda
 seq=4096
 jobs=16
+fope=fope_fused,fope_fused_narrow,fope_fused_tile,fope_fused_narrow_tile,fope_fused_narrow_tf32x3_tile
+rope=rope_fused,rope_fused_tile,rope_liger
+test_env="FOPE_TRITON_MIX=dot_narrow FOPE_TRITON_HEADS=tile"
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) budget=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --seq) seq=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
+    --fope) fope=$2; shift 2 ;;
+    --rope) rope=$2; shift 2 ;;
+    --test-env) test_env=$2; shift 2 ;;
     *) echo "error: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -38,21 +49,24 @@ for v in "$budget" "$seq" "$jobs"; do
 done
 case "$device" in cuda|cpu) ;; *) echo "error: --device $device: allowed cuda, cpu" >&2; exit 2 ;; esac
 
-fope=fope_fused,fope_fused_narrow,fope_fused_grouped,fope_fused_narrow_grouped,fope_fused_tile,fope_fused_narrow_tile,fope_fused_grouped_tile
-rope=rope_fused,rope_fused_grouped,rope_fused_tile,rope_liger
 long_l=4096
 short_l=512
 repeats=(--repeats 30 --warmup 5)
-tests=(tests/test_triton_apply.py tests/test_fused_model.py)
+# three pytest processes side by side (each compiles its own cases)
+tests_a=(tests/test_triton_apply.py -k "not variants and not group_block and not head_tile")
+tests_b=(tests/test_triton_apply.py -k "variants or group_block or head_tile")
+tests_c=(tests/test_fused_model.py)
 if [ "$device" = cpu ]; then
   export TRITON_INTERPRET=1
   P=${GPU_PY:-.venv/bin/python}
   long_l=16
   short_l=8
   repeats=(--repeats 1 --warmup 0)
-  tests=(tests/test_triton_apply.py -k "fused_equals_torch_float32 and mha")
+  tests_a=(tests/test_triton_apply.py -k "fused_equals_torch_float32 and mha")
+  tests_b=(tests/test_triton_apply.py -k "head_tile_equals_torch and mqa")
+  tests_c=(tests/test_triton_apply.py -k "rope_head_tile")
 else
-  P=${GPU_PY:-.venv-gpu/bin/python}
+  P=${GPU_PY:-python3}
 fi
 
 work=$out/work
@@ -81,7 +95,20 @@ finish() {
 trap finish EXIT
 
 if [ "$device" = cuda ]; then
-  step install 120 scripts/gpu_check.sh --only install --out "$work" || exit 1
+  site=$PWD/.gpu-site
+  # a wheel is a zip of its import tree: unpacking needs no pip (the node's python may have none)
+  step install 60 "$P" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+    "$site" $(ls wheelhouse/*.whl | grep -v setuptools) || exit 1
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  "$P" - > "$work/versions.txt" 2>&1 <<'PY'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name(0))
+for m in ("triton", "megatron.core", "deepspeed", "liger_kernel", "fope_megatron.fope.triton_apply"):
+    mod = importlib.import_module(m)
+    print(m, getattr(mod, "__version__", ""), mod.__file__)
+PY
+  cat "$work/versions.txt" | tee -a "$log"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$work/nvidia_smi.txt" 2>&1
 fi
 
@@ -90,23 +117,27 @@ say "warm: Triton cache for every method (jobs $jobs) + kernel tests"
 warm=()
 for m in ${fope//,/ }; do warm+=("$m $long_l"); done
 for m in ${rope//,/ }; do warm+=("$m $long_l"); done
-for m in fope_fused fope_fused_tile fope_fused_narrow_tile fope_fused_grouped_tile; do warm+=("$m $short_l"); done
-wl=$(( $(left) > 200 ? 200 : $(left) ))
-(
-  FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider -m "not slurm" \
-    "${tests[@]}" > "$work/pytest_cuda.txt" 2>&1
-  echo "pytest exit $?" >> "$work/pytest_cuda.txt"
-) &
-tpid=$!
+for m in ${fope//,/ }; do warm+=("$m $short_l"); done
+wl=$(( $(left) > 150 ? 150 : $(left) ))
+tpids=()
+for part in a b c; do
+  (
+    declare -n sel="tests_$part"
+    env $test_env FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider \
+      -m "not slurm" "${sel[@]}" > "$work/pytest_cuda_$part.txt" 2>&1
+    echo "pytest exit $? (env: $test_env)" >> "$work/pytest_cuda_$part.txt"
+  ) &
+  tpids+=($!)
+done
 printf '%s\n' "${warm[@]}" | xargs -P "$jobs" -L 1 sh -c \
   "timeout $wl '$P' -m fope_megatron.bench.profile_apply --device $device --seq $seq --iters 1 \
    --methods \$0 --train-seq-len \$1 > '$work'/warm_\$0_L\$1.txt 2>&1 || echo \"warm \$0 L\$1: exit \$?\" >> '$log'"
 say "warm compiles done"
-wait "$tpid"
-say "kernel tests: $(tail -2 "$work/pytest_cuda.txt" | tr '\n' ' ')"
+wait "${tpids[@]}"
+for part in a b c; do say "tests $part: $(tail -2 "$work/pytest_cuda_$part.txt" | tr '\n' ' ')"; done
 
 # 3. the timed suite, every variant, realistic floor
-step suite_L$long_l 150 env TRITON_PRINT_AUTOTUNING=1 "$P" -m fope_megatron.bench.apply --suite \
+step suite_L$long_l 120 env TRITON_PRINT_AUTOTUNING=1 "$P" -m fope_megatron.bench.apply --suite \
   --device "$device" --seqs "$seq" --train-seq-len "$long_l" --methods "$fope,$rope" "${repeats[@]}" \
   --json "$work/suite_L$long_l.json"
 grep -E "^\| |best fused|variants /" "$work/suite_L$long_l.txt" | tee -a "$log"
@@ -123,17 +154,15 @@ PY
 )
 say "fastest FoPE variant at L=$long_l: $best"
 
-# 4. kernel-level profile
-step profile 90 "$P" -m fope_megatron.bench.profile_apply --device "$device" --seq "$seq" \
-  --train-seq-len "$long_l" --methods "fope_fused,$best,rope_fused,rope_liger"
-
-# 5. the earlier floor, then twice the length
-step suite_L$short_l 90 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$seq" \
-  --train-seq-len "$short_l" --methods "fope_fused,fope_fused_tile,fope_fused_narrow_tile,fope_fused_grouped_tile,rope_fused,rope_liger" \
-  "${repeats[@]}" --json "$work/suite_L$short_l.json"
-grep -E "^\| |best fused|variants /" "$work/suite_L$short_l.txt" | tee -a "$log"
-step suite_2s 90 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$((2 * seq))" \
-  --train-seq-len "$long_l" --methods "fope_fused,$best,rope_fused,rope_liger" "${repeats[@]}" \
-  --json "$work/suite_2s.json"
+# 4. twice the length, the earlier floor, the kernel-level profile
+pick="fope_fused,$best,${rope%%,*},rope_liger"
+pick=$(echo "$pick" | tr ',' '\n' | awk '!seen[$0]++' | paste -sd,)
+step suite_2s 70 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$((2 * seq))" \
+  --train-seq-len "$long_l" --methods "$pick" "${repeats[@]}" --json "$work/suite_2s.json"
 grep -E "^\| |best fused|variants /" "$work/suite_2s.txt" | tee -a "$log"
+step suite_L$short_l 70 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$seq" \
+  --train-seq-len "$short_l" --methods "$fope,$rope" "${repeats[@]}" --json "$work/suite_L$short_l.json"
+grep -E "^\| |best fused|variants /" "$work/suite_L$short_l.txt" | tee -a "$log"
+step profile 60 "$P" -m fope_megatron.bench.profile_apply --device "$device" --seq "$seq" \
+  --train-seq-len "$long_l" --methods "$pick"
 exit 0

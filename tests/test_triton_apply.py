@@ -281,7 +281,7 @@ VARIANT_CASES = {
 }
 
 
-@pytest.mark.parametrize("mix", ["loop", "dot_tf32x3", "dot_narrow"])
+@pytest.mark.parametrize("mix", ["loop", "dot_tf32x3", "dot_narrow", "dot_narrow_tf32x3"])
 @pytest.mark.parametrize("name", sorted(VARIANT_CASES))
 def test_mixing_variants_equal_torch(name, mix):
     """``mix='loop'`` (tables one frequency at a time), ``'dot_tf32x3'`` (the table product on

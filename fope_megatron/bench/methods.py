@@ -14,7 +14,8 @@ Methods (``available_methods`` says which run here):
 - ``fope_fused_grouped`` / ``fope_fused_narrow_grouped``: ``dot`` / ``dot_narrow`` with every KV
   group in one program (``group_block``: the angles' cos/sin computed once, not once per group).
 - ``fope_fused_tile`` / ``fope_fused_narrow_tile`` / ``fope_fused_grouped_tile``: the same with
-  ``heads='tile'`` (a group's heads as one tile, loaded before the tables are formed).
+  ``heads='tile'`` (a group's heads as one tile, loaded before the tables are formed);
+  ``fope_fused_narrow_tf32x3_tile``: that with the narrow product as 3xTF32.
 - ``fope_torch``: the torch reference path (float32 tables, then apply).
 - ``rope_fused``: the same Triton kernel in its RoPE limit.
 - ``rope_fused_grouped``: the same with every key head in one program (one cos/sin table).
@@ -47,6 +48,7 @@ METHODS = (
     "fope_fused_tile",
     "fope_fused_narrow_tile",
     "fope_fused_grouped_tile",
+    "fope_fused_narrow_tf32x3_tile",
     "fope_torch",
     "rope_fused",
     "rope_fused_grouped",
@@ -73,6 +75,7 @@ VARIANTS = {
     "fope_fused_tile": ("dot", 1, "tile"),
     "fope_fused_narrow_tile": ("dot_narrow", 1, "tile"),
     "fope_fused_grouped_tile": ("dot", None, "tile"),
+    "fope_fused_narrow_tf32x3_tile": ("dot_narrow_tf32x3", 1, "tile"),
     "rope_fused_grouped": (None, None, "each"),
     "rope_fused_tile": (None, 1, "tile"),
 }

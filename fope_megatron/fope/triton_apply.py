@@ -397,7 +397,7 @@ _fope_qk_tuned = triton.autotune(
     ],
 )(_fope_qk_kernel)
 
-MIXES = ("dot", "dot_tf32x3", "dot_narrow", "loop")
+MIXES = ("dot", "dot_tf32x3", "dot_narrow", "dot_narrow_tf32x3", "loop")
 """How the fused kernel forms its tables (see :func:`fope_apply_qk`)."""
 
 HEADS = ("each", "tile")
@@ -476,9 +476,9 @@ def _launch(
     out_p2 = max(16, triton.next_power_of_2(d_out))
     common = dict(
         MIX_DOT=dot,
-        NARROW=dot and mix == "dot_narrow" and 2 * out_p2 == half_p2,
+        NARROW=dot and mix.startswith("dot_narrow") and 2 * out_p2 == half_p2,
         OUT_P2=out_p2,
-        DOT_PREC="tf32x3" if mix == "dot_tf32x3" else "ieee",
+        DOT_PREC="tf32x3" if mix.endswith("tf32x3") else "ieee",
         IN_P2=max(16, triton.next_power_of_2(d_in)),
         QH_PER_G=hq // n_groups,
         KH_PER_G=hk // n_groups,
@@ -597,7 +597,8 @@ def fope_apply_qk(
             ``dot``): ``dot`` (cos/sin of the whole ``[block, D_in]`` angle tile once per
             element, then an IEEE fp32 ``tl.dot`` with the coefficients), ``dot_tf32x3`` (the
             same product on tensor cores as 3xTF32), ``dot_narrow`` (the product over the
-            Fourier columns only, then widened, where they fill half the pairs) or ``loop``
+            Fourier columns only, then widened, where they fill half the pairs),
+            ``dot_narrow_tf32x3`` (that product as 3xTF32) or ``loop``
             (one ``D_in`` step at a time; each ``cos/sin(p w_k)`` is a row vector that Triton's
             layout evaluates once per thread holding that row).
         group_block: KV groups per program (default: ``$FOPE_TRITON_GROUP_BLOCK``, else 1); a
