@@ -18,7 +18,13 @@ import triton  # noqa: E402
 
 from fope_megatron.fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables  # noqa: E402
 from fope_megatron.fope.math import apply_tables  # noqa: E402
-from fope_megatron.fope.triton_apply import fope_apply_qk, interpreted, rope_apply_qk  # noqa: E402
+from fope_megatron.fope.triton_apply import (  # noqa: E402
+    fope_apply_qk,
+    interpreted,
+    resolve_heads,
+    resolve_mix,
+    rope_apply_qk,
+)
 from fope_megatron.parallel.positions import cp_chunk_positions, packed_positions  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -407,7 +413,7 @@ def test_head_tile_equals_torch(name, monkeypatch):
                         cfg.interleaved, mix="dot")  # fmt: skip
     assert _maxdiff(env[0], res["dot"][0]) == 0.0 and _maxdiff(env[1], res["dot"][1]) == 0.0
     monkeypatch.setenv("FOPE_TRITON_HEADS", "rows")
-    with pytest.raises(ValueError, match=r"FOPE_TRITON_HEADS='rows' unknown; allowed: \('each'"):
+    with pytest.raises(ValueError, match=r"FOPE_TRITON_HEADS='rows' unknown; allowed: \('auto'"):
         fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim)
 
 
@@ -428,3 +434,32 @@ def test_rope_head_tile_equals_torch_rope():
     for way in (1, 4):
         for a, b in zip(res[way], res["torch"], strict=True):
             assert _maxdiff(a, b) <= 1e-5
+
+
+def test_auto_defaults_pick_the_measured_variants(monkeypatch):
+    """``mix='auto'``: the Fourier-column product as 3xTF32 where those columns fill half the
+    pairs (D_out 17-32 of 64: the issue's head_dim 128 at L 512 and 4096), else the fp32 product
+    over all pairs; ``heads='auto'``: one tile up to 8 query heads per group. The default path
+    (model and kernel) is exactly that variant, and equals the torch path."""
+    assert resolve_mix(None, 32, 128) == resolve_mix(None, 17, 128) == "dot_narrow_tf32x3"
+    assert resolve_mix(None, 33, 128) == resolve_mix(None, 16, 128) == "dot"
+    assert resolve_mix(None, 8, 32) == "dot"  # 16 pairs: no narrower dot than 16 columns
+    assert resolve_mix("loop", 32, 128) == "loop"
+    assert resolve_heads(None, 4) == resolve_heads(None, 8) == "tile"
+    assert resolve_heads(None, 16) == "each" and resolve_heads("tile", 16) == "tile"
+    monkeypatch.setenv("FOPE_TRITON_MIX", "dot")
+    monkeypatch.setenv("FOPE_TRITON_HEADS", "each")
+    assert resolve_mix(None, 32, 128) == "dot" and resolve_heads(None, 4) == "each"
+    monkeypatch.delenv("FOPE_TRITON_MIX")
+    monkeypatch.delenv("FOPE_TRITON_HEADS")
+    fope = _fope(4, 2, 64, 24)  # 32 pairs, D_out = 5: narrow (16 of 32 padded columns)
+    assert resolve_mix(None, fope.d_out, fope.config.rotary_dim) == "dot_narrow_tf32x3"
+    q, k = _qk(23, 2, 4, 2, 64)
+    pos = torch.arange(23, device=DEVICE) * 5 + 40
+    fused, ref = _both(fope, q, k, pos)
+    for a, b in zip(fused, ref, strict=True):
+        assert _maxdiff(a, b) <= 1e-5
+    a_cos, a_sin = fope._local(1, None)
+    w = fope.frequencies[: fope.d_in]
+    explicit = fope_apply_qk(q, k, pos, w, a_cos, a_sin, 64, mix="dot_narrow_tf32x3", heads="tile")
+    assert torch.equal(explicit[0], fused[0]) and torch.equal(explicit[1], fused[1])

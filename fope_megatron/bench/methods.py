@@ -6,8 +6,11 @@ Per-model precomputation that a real model does once per forward (RoPE's frequen
 the layer's coefficients, megatron's ``cos()``/``sin()`` of the frequencies) is timed.
 
 Methods (``available_methods`` says which run here):
-- ``fope_fused``: our Triton kernel, q and k in one launch (CUDA, or the CPU interpreter);
-  tables formed with an fp32 ``tl.dot`` (``mix='dot'``, the default).
+- ``fope_fused``: our Triton kernel, q and k in one launch (CUDA, or the CPU interpreter), with
+  its defaults (``mix='auto'``, ``heads='auto'``: at these shapes the Fourier-column product as
+  3xTF32, a group's heads as one tile).
+- ``fope_fused_dot``: the kernel's defaults before 2026-11-27: an IEEE fp32 ``tl.dot`` over all
+  pairs, one head at a time.
 - ``fope_fused_loop``: the same kernel forming its tables one frequency at a time (``mix='loop'``).
 - ``fope_fused_tf32x3``: the same kernel with the table product on tensor cores (3xTF32).
 - ``fope_fused_narrow``: the same kernel multiplying only the Fourier columns (``dot_narrow``).
@@ -19,7 +22,8 @@ Methods (``available_methods`` says which run here):
 - ``fope_torch``: the torch reference path (float32 tables, then apply).
 - ``rope_fused``: the same Triton kernel in its RoPE limit.
 - ``rope_fused_grouped``: the same with every key head in one program (one cos/sin table).
-- ``rope_fused_tile``: the RoPE limit with ``heads='tile'``.
+- ``rope_fused_tile`` / ``rope_fused_each``: the RoPE limit with ``heads='tile'`` (its default
+  at these shapes) / ``'each'``.
 - ``rope_te``: transformer-engine's fused RoPE through megatron-core (q and k calls summed).
 - ``rope_liger``: Liger-Kernel's Triton RoPE (one launch for q and k, HF layout views).
 - ``rope_compile``: megatron's unfused RoPE formula under ``torch.compile``.
@@ -40,6 +44,7 @@ from ..fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 METHODS = (
     "fope_fused",
+    "fope_fused_dot",
     "fope_fused_loop",
     "fope_fused_tf32x3",
     "fope_fused_narrow",
@@ -53,6 +58,7 @@ METHODS = (
     "rope_fused",
     "rope_fused_grouped",
     "rope_fused_tile",
+    "rope_fused_each",
     "rope_te",
     "rope_liger",
     "rope_compile",
@@ -67,6 +73,7 @@ def _quiet_import(name: str):
 
 
 VARIANTS = {
+    "fope_fused_dot": ("dot", 1, "each"),
     "fope_fused_loop": ("loop", 1, "each"),
     "fope_fused_tf32x3": ("dot_tf32x3", 1, "each"),
     "fope_fused_narrow": ("dot_narrow", 1, "each"),
@@ -78,6 +85,7 @@ VARIANTS = {
     "fope_fused_narrow_tf32x3_tile": ("dot_narrow_tf32x3", 1, "tile"),
     "rope_fused_grouped": (None, None, "each"),
     "rope_fused_tile": (None, 1, "tile"),
+    "rope_fused_each": (None, 1, "each"),
 }
 """Variants of the fused kernel, ``(mix, group_block, heads)`` (group_block None: every group
 in one program), timed only when named."""
