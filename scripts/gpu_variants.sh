@@ -29,10 +29,11 @@ budget=420
 device=cuda
 seq=4096
 jobs=16
-fope=fope_fused,fope_fused_narrow,fope_fused_tile,fope_fused_narrow_tile,fope_fused_narrow_tf32x3_tile
-rope=rope_fused,rope_fused_tile,rope_liger
-test_env="FOPE_TRITON_MIX=dot_narrow FOPE_TRITON_HEADS=tile"
+fope=fope_fused,fope_fused_dot,fope_fused_narrow,fope_fused_tile,fope_fused_narrow_tile
+rope=rope_fused,rope_fused_each,rope_liger
+test_env=""  # e.g. "FOPE_TRITON_MIX=dot_narrow FOPE_TRITON_HEADS=tile": a candidate default
 while [ $# -gt 0 ]; do
+  [[ "$1" == --* && $# -lt 2 ]] && { echo "error: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --budget) budget=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
@@ -123,7 +124,7 @@ tpids=()
 for part in a b c; do
   (
     declare -n sel="tests_$part"
-    env $test_env FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider \
+    env ${test_env:+$test_env} FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider \
       -m "not slurm" "${sel[@]}" > "$work/pytest_cuda_$part.txt" 2>&1
     echo "pytest exit $? (env: $test_env)" >> "$work/pytest_cuda_$part.txt"
   ) &
