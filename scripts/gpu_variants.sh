@@ -20,7 +20,7 @@
 # and results.tgz with every file). --device cpu runs the same steps under TRITON_INTERPRET=1 at
 # tiny shapes with the CPU venv (a check of the script, no timing).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 [ $# -ge 1 ] || { echo "usage: $0 OUT [--budget S] [--device cuda|cpu] [--seq N] [--jobs N]" >&2; exit 2; }
 out=$1
@@ -89,17 +89,20 @@ step() {
   say "end $name: exit $rc"
   return $rc
 }
+# shellcheck disable=SC2317  # called by the EXIT trap
 finish() {
   tar czf "$out/results.tgz" -C "$work" . 2>/dev/null
-  say "done; results.tgz has: $(ls "$work" | tr '\n' ' ')"
+  say "done; results.tgz has: $(find "$work" -maxdepth 1 -type f -printf '%f\n' | sort | tr '\n' ' ')"
 }
 trap finish EXIT
 
 if [ "$device" = cuda ]; then
   site=$PWD/.gpu-site
   # a wheel is a zip of its import tree: unpacking needs no pip (the node's python may have none)
+  wheels=()
+  for w in wheelhouse/*.whl; do [[ "$w" == *setuptools* ]] || wheels+=("$w"); done
   step install 60 "$P" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
-    "$site" $(ls wheelhouse/*.whl | grep -v setuptools) || exit 1
+    "$site" "${wheels[@]}" || exit 1
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   "$P" - > "$work/versions.txt" 2>&1 <<'PY'
 import importlib, platform, torch
@@ -109,7 +112,7 @@ for m in ("triton", "megatron.core", "deepspeed", "liger_kernel", "fope_megatron
     mod = importlib.import_module(m)
     print(m, getattr(mod, "__version__", ""), mod.__file__)
 PY
-  cat "$work/versions.txt" | tee -a "$log"
+  tee -a "$log" < "$work/versions.txt"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$work/nvidia_smi.txt" 2>&1
 fi
 
@@ -123,7 +126,11 @@ wl=$(( $(left) > 150 ? 150 : $(left) ))
 tpids=()
 for part in a b c; do
   (
-    declare -n sel="tests_$part"
+    case "$part" in
+      a) sel=("${tests_a[@]}") ;;
+      b) sel=("${tests_b[@]}") ;;
+      *) sel=("${tests_c[@]}") ;;
+    esac
     env ${test_env:+$test_env} FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider \
       -m "not slurm" "${sel[@]}" > "$work/pytest_cuda_$part.txt" 2>&1
     echo "pytest exit $? (env: $test_env)" >> "$work/pytest_cuda_$part.txt"
