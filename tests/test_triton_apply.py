@@ -463,3 +463,48 @@ def test_auto_defaults_pick_the_measured_variants(monkeypatch):
     w = fope.frequencies[: fope.d_in]
     explicit = fope_apply_qk(q, k, pos, w, a_cos, a_sin, 64, mix="dot_narrow_tf32x3", heads="tile")
     assert torch.equal(explicit[0], fused[0]) and torch.equal(explicit[1], fused[1])
+
+
+def test_tile_launches_prune_the_large_blocks():
+    """The autotuner's early prune keeps every config for head-by-head launches and only blocks
+    up to TILE_MAX_BLOCK for tile launches (never an empty list)."""
+    from fope_megatron.fope import triton_kernel as tk
+
+    every = [triton.Config({"BLOCK_S": bs}, num_warps=nw) for bs, nw in tk.CONFIGS]
+    assert tk.prune_configs(every, {}, HEAD_TILE=False, ROPE=False) == every
+    tile = tk.prune_configs(every, {}, HEAD_TILE=True, ROPE=False)
+    assert [(c.kwargs["BLOCK_S"], c.num_warps) for c in tile] == [
+        (bs, nw) for bs, nw in tk.CONFIGS if bs <= tk.TILE_MAX_BLOCK
+    ]
+    assert len(tile) == 5 and max(c.kwargs["BLOCK_S"] for c in tile) == 32
+    big = [triton.Config({"BLOCK_S": 64}, num_warps=4)]
+    assert tk.prune_configs(big, {}, HEAD_TILE=True) == big
+    assert tk._fope_qk_tuned.early_config_prune is tk.prune_configs
+
+
+def test_autotuner_calls_the_prune_with_head_tile(monkeypatch):
+    """Through triton's own Autotuner: with a 16- and a 64-position config, a tile launch is
+    pruned to the 16 one (a single config: no timing, so this runs under the interpreter too) and
+    gives the torch path's result."""
+    from fope_megatron.fope import triton_apply as ta
+    from fope_megatron.fope import triton_kernel as tk
+
+    tuner = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_S": 16}, num_warps=4),
+            triton.Config({"BLOCK_S": 64}, num_warps=4),
+        ],
+        key=list(tk._fope_qk_tuned.keys),
+        prune_configs_by={"early_config_prune": tk.prune_configs},
+    )(tk._fope_qk_kernel)
+    monkeypatch.setattr(ta, "_fope_qk_tuned", tuner)
+    fope = _fope(4, 2, 32, 24)
+    q, k = _qk(20, 1, 4, 2, 32)
+    pos = torch.arange(20, device=DEVICE)
+    a_cos, a_sin = fope._local(0, None)
+    w = fope.frequencies[: fope.d_in]
+    with torch.no_grad():
+        oq, ok = fope_apply_qk(q, k, pos, w, a_cos, a_sin, 32, heads="tile")
+        rq, rk = fope.apply_qk(q, k, pos, 0, fusion="torch")
+    assert [c.kwargs["BLOCK_S"] for c in tuner.cache.values()] == [16]
+    assert _maxdiff(oq, rq) <= 1e-5 and _maxdiff(ok, rk) <= 1e-5

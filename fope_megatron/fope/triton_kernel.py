@@ -362,19 +362,36 @@ def _fope_qk_kernel(
                 tl.store(DASIN + out_base + kk * D_OUT + jh, ps, mask=f_mask)
 
 
+CONFIGS = ((16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
+"""``(BLOCK_S, num_warps)`` the autotuner tries on a GPU."""
+
+TILE_MAX_BLOCK = 32
+"""Largest position block tried for ``HEAD_TILE`` launches. In the H100 autotuning logs of
+2026-11-27 (docs/results/gpu/variants: 32 tile-launch decisions over all of CONFIGS, 8 of them in
+the uncontended timed suite), no tile launch chose a block above 32 and 27 chose 16 with 4
+warps; the larger blocks only cost compile time."""
+
+
 def _configs() -> list[triton.Config]:
     # One config under the interpreter, or when FOPE_TRITON_AUTOTUNE=0 (tests on CUDA: one
     # compile per case instead of one per config).
     if interpreted() or os.environ.get("FOPE_TRITON_AUTOTUNE", "1") == "0":
         return [triton.Config({"BLOCK_S": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_S": bs}, num_warps=nw)
-        for bs, nw in ((16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
-    ]
+    return [triton.Config({"BLOCK_S": bs}, num_warps=nw) for bs, nw in CONFIGS]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's early prune: tile launches try blocks up to :data:`TILE_MAX_BLOCK` only
+    (all configs when that would leave none, e.g. a single forced config)."""
+    if not kwargs.get("HEAD_TILE"):
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_S"] <= TILE_MAX_BLOCK]
+    return small or configs
 
 
 _fope_qk_tuned = triton.autotune(
     configs=_configs(),
+    prune_configs_by={"early_config_prune": prune_configs},
     # every constexpr that changes the work: the table variants tune their own block size
     key=[
         "S",
