@@ -10,7 +10,8 @@
 # it makes .venv-gpu that also sees that Python's packages (the node's torch is kept, never
 # replaced), installs the wheelhouse built by scripts/build_wheelhouse.sh with --no-index --no-deps, then
 # this project (editable, no dependency resolution). Results go to OUT (default
-# docs/results/gpu): pytest.log, bench.json/.md, train_<name>/metrics.jsonl, gpu_check.json/.md.
+# docs/results/gpu): pytest.log + pytest_variants.log, bench.json/.md, train_<name>/metrics.jsonl,
+# gpu_check.json/.md.
 # --dry-run does every step that needs no GPU (arguments, wheelhouse, offline install, imports)
 # and stops before CUDA is required; the CPU test suite runs it that way.
 set -euo pipefail
@@ -28,7 +29,7 @@ dry=0
 allow_cpu=0  # tests only: run the pipeline without CUDA (tiny shapes via GPU_CHECK_TRAIN_EXTRA)
 py=${PYTHON:-python3}
 venv=${GPU_VENV:-.venv-gpu}
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 need() { [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; }
 posint() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "error: $1 must be a positive integer, got '$2'" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
@@ -110,13 +111,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 # ---------------------------------------------------------------- tests on CUDA
 status=0
 if has tests; then
-  say "pytest: kernel tests on CUDA + gpu-marked tests"
-  rc=0
+  # Two pytest processes side by side (each case compiles its own kernels, CPU-bound): the
+  # kernel's variant tests in one, everything else in the other.
+  say "pytest: kernel tests on CUDA + gpu-marked tests (two processes)"
   read -r -a sel <<< "${GPU_CHECK_PYTEST_ARGS:-tests/test_triton_apply.py tests/test_parallel_gpu.py}"
-  FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-90}" "$P" -m pytest -q -p no:cacheprovider \
-    -m "not slurm" "${sel[@]}" > "$out/pytest.log" 2>&1 || rc=$?
-  tail -25 "$out/pytest.log"
-  [ "$rc" = 0 ] || { echo "pytest exited $rc"; status=1; }
+  split="variants or group_block or head_tile or prune"
+  run_pytest() {
+    FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$P" -m pytest -q \
+      -p no:cacheprovider -m "not slurm" "${sel[@]}" -k "$1" > "$2" 2>&1
+  }
+  run_pytest "not ($split)" "$out/pytest.log" &
+  p1=$!
+  run_pytest "$split" "$out/pytest_variants.log" &
+  p2=$!
+  for pid_log in "$p1:$out/pytest.log" "$p2:$out/pytest_variants.log"; do
+    rc=0
+    wait "${pid_log%%:*}" || rc=$?
+    tail -5 "${pid_log#*:}"
+    # exit 5: that half selected no test (e.g. GPU_CHECK_PYTEST_ARGS without variant tests)
+    [ "$rc" = 0 ] || [ "$rc" = 5 ] || { echo "pytest (${pid_log#*:}) exited $rc"; status=1; }
+  done
 fi
 
 # ---------------------------------------------------------------- benchmark

@@ -104,3 +104,22 @@ def test_report_from_metrics(tmp_path):
     assert doc["runs"]["fope_torch"]["peak_memory_gib"] == 16.0
     assert doc["runs"]["fope_fused"]["fusion"].endswith("-> fope_fused")
     assert "| fope_fused |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_tests_step_runs_two_pytest_processes(tmp_path):
+    """The tests step (run here without CUDA, kernel under the interpreter) splits the kernel
+    tests over two pytest processes, one log each, and reports both."""
+    out = tmp_path / "out"
+    sel = " ".join(
+        f"tests/test_triton_apply.py::{t}"
+        for t in ("test_bad_inputs_named_errors", "test_rope_head_tile_equals_torch_rope")
+    )
+    proc = run(
+        ["--allow-cpu", "--only", "tests", "--out", str(out)],
+        env={"GPU_VENV": sys.prefix, "GPU_CHECK_PYTEST_ARGS": sel, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 passed, 1 deselected" in (out / "pytest.log").read_text()
+    variants = (out / "pytest_variants.log").read_text()
+    assert "1 passed, 1 deselected" in variants
+    assert "two processes" in proc.stdout
