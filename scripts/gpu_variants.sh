@@ -77,6 +77,8 @@ t0=$(date +%s)
 deadline=$((t0 + budget))
 say() { echo "[gpu_variants +$(( $(date +%s) - t0 ))s] $*" | tee -a "$log"; }
 left() { echo $(( deadline - $(date +%s) )); }
+# the table rows and ratios of a suite's output, into the log
+show() { grep -E "^\| |best fused|variants /" "$1" | tee -a "$log"; }
 # step NAME MAX_SECONDS CMD...: run with min(MAX, budget left), output to work/NAME.txt
 step() {
   local name=$1 max=$2 l rc=0
@@ -148,7 +150,7 @@ for part in a b c; do say "tests $part: $(tail -2 "$work/pytest_cuda_$part.txt" 
 step suite_L$long_l 120 env TRITON_PRINT_AUTOTUNING=1 "$P" -m fope_megatron.bench.apply --suite \
   --device "$device" --seqs "$seq" --train-seq-len "$long_l" --methods "$fope,$rope" "${repeats[@]}" \
   --json "$work/suite_L$long_l.json"
-grep -E "^\| |best fused|variants /" "$work/suite_L$long_l.txt" | tee -a "$log"
+show "$work/suite_L$long_l.txt"
 best=$("$P" - "$work/suite_L$long_l.json" <<'PY'
 import json, sys
 try:
@@ -167,10 +169,10 @@ pick="fope_fused,$best,${rope%%,*},rope_liger"
 pick=$(echo "$pick" | tr ',' '\n' | awk '!seen[$0]++' | paste -sd,)
 step suite_2s 70 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$((2 * seq))" \
   --train-seq-len "$long_l" --methods "$pick" "${repeats[@]}" --json "$work/suite_2s.json"
-grep -E "^\| |best fused|variants /" "$work/suite_2s.txt" | tee -a "$log"
+show "$work/suite_2s.txt"
 step suite_L$short_l 70 "$P" -m fope_megatron.bench.apply --suite --device "$device" --seqs "$seq" \
   --train-seq-len "$short_l" --methods "$fope,$rope" "${repeats[@]}" --json "$work/suite_L$short_l.json"
-grep -E "^\| |best fused|variants /" "$work/suite_L$short_l.txt" | tee -a "$log"
+show "$work/suite_L$short_l.txt"
 step profile 60 "$P" -m fope_megatron.bench.profile_apply --device "$device" --seq "$seq" \
   --train-seq-len "$long_l" --methods "$pick"
 exit 0

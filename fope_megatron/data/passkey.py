@@ -82,6 +82,12 @@ def fixed_tokens(tokenizer: Tokenizer, key: str = "00000") -> int:
     return sum(len(tokenizer.encode(p)) for p in pieces)
 
 
+def shortest_trial(tokenizer: Tokenizer, key: str = "00000") -> int:
+    """The shortest trial length: a prompt without filler (:func:`fixed_tokens`) plus the answer
+    but its last token, the length whose :func:`prompt_length` is exactly the fixed tokens."""
+    return fixed_tokens(tokenizer, key) + len(tokenizer.encode(ANSWER.format(key=key))) - 1
+
+
 def filler_budget(tokenizer: Tokenizer, length: int, key: str = "00000") -> int:
     """Filler tokens left in a prompt of ``length`` tokens once needle and question are placed."""
     fixed = fixed_tokens(tokenizer, key)
@@ -142,7 +148,7 @@ class PasskeyMixture(torch.utils.data.Dataset):
         longest = prompt_length(tokenizer, self.seq_length)  # what the evaluation uses at 1x
         self.min_len = fixed_tokens(tokenizer)  # no filler at all
         if self.min_len > longest:
-            need = self.seq_length - longest + self.min_len
+            need = shortest_trial(tokenizer)
             raise ValueError(
                 f"seq_length {seq_length} is too short for a passkey prompt; use >= {need}"
             )

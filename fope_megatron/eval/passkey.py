@@ -46,6 +46,7 @@ from fope_megatron.data.passkey import (  # the prompt format training's mixture
     fixed_tokens,
     make_passkey_sample,
     prompt_length,
+    shortest_trial,
 )
 from fope_megatron.data.tokenizer import Tokenizer
 from fope_megatron.eval.perplexity import LogitsFn
@@ -53,7 +54,7 @@ from fope_megatron.eval.perplexity import LogitsFn
 __all__ = [
     "ANSWER", "FILLER", "NEEDLE_HEAD", "NEEDLE_TAIL", "QUESTION", "PasskeySample",
     "bucket_labels", "evaluate_passkey", "filler_budget", "fixed_tokens", "make_passkey_sample",
-    "prompt_length", "sample_trials", "score_samples",
+    "prompt_length", "sample_trials", "score_samples", "shortest_trial",
 ]  # fmt: skip
 
 GreedyFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -170,8 +171,8 @@ def evaluate_passkey(
     if n_trials < 1 or n_buckets < 1:
         raise ValueError(f"n_trials and n_buckets must be >= 1, got {n_trials}, {n_buckets}")
     lengths = list(dict.fromkeys(int(L) for L in lengths))
+    shortest = shortest_trial(tokenizer)
     for L in lengths:  # fail fast on a too-short length
-        shortest = L + fixed_tokens(tokenizer) - prompt_length(tokenizer, L)
         if L < shortest:
             raise ValueError(
                 f"passkey length {L} is too short: needle, question and answer take {shortest} "

@@ -143,11 +143,10 @@ def _launch(
     gq, gk = grad_inputs if grad_inputs is not None else (x_q, x_k)
     dot = mix != "loop" and not rope  # tl.dot needs every dim >= 16: pad D_in, HALF, BLOCK_S
     half_p2 = max(16 if dot else 1, triton.next_power_of_2(half))
-    out_p2 = max(16, triton.next_power_of_2(d_out))  # with dot: narrow_fits <=> 2 out_p2 = half_p2
     common = dict(
         MIX_DOT=dot,
-        NARROW=dot and mix.startswith("dot_narrow") and 2 * out_p2 == half_p2,
-        OUT_P2=out_p2,
+        NARROW=dot and mix.startswith("dot_narrow") and narrow_fits(d_out, rotary_dim),
+        OUT_P2=max(16, triton.next_power_of_2(d_out)),
         DOT_PREC="tf32x3" if mix.endswith("tf32x3") else "ieee",
         IN_P2=max(16, triton.next_power_of_2(d_in)),
         QH_PER_G=hq // n_groups,

@@ -75,6 +75,18 @@ def _out(v, PTR, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _pair_dims(j, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The two dims of pairs ``j``: ``(2j, 2j+1)`` interleaved, else ``(j, j + HALF)``."""
+    if INTERLEAVED:
+        d1 = 2 * j
+        d2 = 2 * j + 1
+    else:
+        d1 = j
+        d2 = j + HALF
+    return d1, d2
+
+
+@triton.jit
 def _cols(
     xb, ob, gb, j, m2, C, Sn, sx_d, so_d, sg_d, dC, dS, Out,
     HALF: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
@@ -82,12 +94,7 @@ def _cols(
 ):  # fmt: skip
     """One head-row tile of pairs ``j``: ``o1 = x1*C - x2*S``, ``o2 = x2*C + x1*S`` (SIGN -1:
     the transpose); with COEF_GRAD also accumulate ``dC``, ``dS`` from the saved input."""
-    if INTERLEAVED:
-        d1 = 2 * j
-        d2 = 2 * j + 1
-    else:
-        d1 = j
-        d2 = j + HALF
+    d1, d2 = _pair_dims(j, HALF, INTERLEAVED)
     x1 = tl.load(xb + d1[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
     x2 = tl.load(xb + d2[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
     o1 = x1 * C - SIGN * (x2 * Sn)
@@ -139,12 +146,7 @@ def _tile_offsets(
 ):  # fmt: skip
     """Offsets ``[BLOCK_S, heads, pairs]`` of both halves of heads ``head0 + hh`` of row ``bi``."""
     row = s_idx[:, None, None] * s_s + bi * s_b + (head0 + hh)[None, :, None] * s_h
-    if INTERLEAVED:
-        d1 = 2 * jh
-        d2 = 2 * jh + 1
-    else:
-        d1 = jh
-        d2 = jh + HALF
+    d1, d2 = _pair_dims(jh, HALF, INTERLEAVED)
     return row + d1[None, None, :] * s_d, row + d2[None, None, :] * s_d
 
 
