@@ -54,7 +54,8 @@ for part in ${only//,/ }; do
   esac
 done
 has() { [[ ",$only," == *",$1,"* ]]; }
-if ! ls "$wheelhouse"/megatron_core-*.whl >/dev/null 2>&1; then
+# The wheelhouse is needed only where the install step runs (asked for, or no venv yet).
+if { has install || [ ! -x "$venv/bin/python" ]; } && ! ls "$wheelhouse"/megatron_core-*.whl >/dev/null 2>&1; then
   echo "error: wheelhouse '$wheelhouse' has no megatron_core wheel; build it with" \
        "scripts/build_wheelhouse.sh $wheelhouse (on a machine with network)" >&2
   exit 2
