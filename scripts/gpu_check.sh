@@ -116,14 +116,13 @@ if has tests; then
   # kernel's variant tests in one, everything else in the other.
   say "pytest: kernel tests on CUDA + gpu-marked tests (two processes)"
   read -r -a sel <<< "${GPU_CHECK_PYTEST_ARGS:-tests/test_triton_apply.py tests/test_parallel_gpu.py}"
-  split="variants or group_block or head_tile or prune"
   run_pytest() {
     FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$P" -m pytest -q \
-      -p no:cacheprovider -m "not slurm" "${sel[@]}" -k "$1" > "$2" 2>&1
+      -p no:cacheprovider -m "not slurm and $1" "${sel[@]}" > "$2" 2>&1
   }
-  run_pytest "not ($split)" "$out/pytest.log" &
+  run_pytest "not kernel_variant" "$out/pytest.log" &
   p1=$!
-  run_pytest "$split" "$out/pytest_variants.log" &
+  run_pytest "kernel_variant" "$out/pytest_variants.log" &
   p2=$!
   for pid_log in "$p1:$out/pytest.log" "$p2:$out/pytest_variants.log"; do
     rc=0

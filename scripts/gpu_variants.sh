@@ -54,9 +54,9 @@ long_l=4096
 short_l=512
 repeats=(--repeats 30 --warmup 5)
 # three pytest processes side by side (each compiles its own cases)
-tests_a=(tests/test_triton_apply.py -k "not variants and not group_block and not head_tile")
-tests_b=(tests/test_triton_apply.py -k "variants or group_block or head_tile")
-tests_c=(tests/test_fused_model.py)
+tests_a=(tests/test_triton_apply.py -m "not slurm and not kernel_variant")
+tests_b=(tests/test_triton_apply.py -m "not slurm and kernel_variant")
+tests_c=(tests/test_fused_model.py -m "not slurm")
 if [ "$device" = cpu ]; then
   export TRITON_INTERPRET=1
   P=${GPU_PY:-.venv/bin/python}
@@ -65,7 +65,7 @@ if [ "$device" = cpu ]; then
   repeats=(--repeats 1 --warmup 0)
   tests_a=(tests/test_triton_apply.py -k "fused_equals_torch_float32 and mha")
   tests_b=(tests/test_triton_apply.py -k "head_tile_equals_torch and mqa")
-  tests_c=(tests/test_triton_apply.py -k "rope_head_tile")
+  tests_c=(tests/test_triton_apply.py -k "rope_tile_and_group_block")
 else
   P=${GPU_PY:-python3}
 fi
@@ -134,7 +134,7 @@ for part in a b c; do
       *) sel=("${tests_c[@]}") ;;
     esac
     env ${test_env:+$test_env} FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider \
-      -m "not slurm" "${sel[@]}" > "$work/pytest_cuda_$part.txt" 2>&1
+      "${sel[@]}" > "$work/pytest_cuda_$part.txt" 2>&1
     echo "pytest exit $? (env: $test_env)" >> "$work/pytest_cuda_$part.txt"
   ) &
   tpids+=($!)

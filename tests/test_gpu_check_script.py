@@ -9,23 +9,15 @@ same commands run as on the GPU node, up to the first step that needs CUDA (--dr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+from fope_megatron.testing.launch import run_script
 
 
 def run(args, env=None, timeout=600):
-    e = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=e, timeout=timeout,
-        cwd=ROOT,
-    )  # fmt: skip
+    return run_script("gpu_check.sh", args, {"PYTHON": sys.executable, **(env or {})}, timeout)
 
 
 @pytest.mark.parametrize(
@@ -57,10 +49,9 @@ def test_wheelhouse_and_offline_install_dry_run(tmp_path):
     """Build the wheelhouse (this interpreter's tags), install offline, import everything."""
     wh = tmp_path / "wh"
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    build = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "build_wheelhouse.sh"), str(wh)],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
-        env={**os.environ, "WHEEL_PYTHON_VERSION": ver, "BUILD_PYTHON": sys.executable},
+    build = run_script(
+        "build_wheelhouse.sh", [str(wh)],
+        {"WHEEL_PYTHON_VERSION": ver, "BUILD_PYTHON": sys.executable}, timeout=900,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
     names = {p.name.split("-")[0] for p in wh.glob("*.whl")}
@@ -112,7 +103,7 @@ def test_tests_step_runs_two_pytest_processes(tmp_path):
     out = tmp_path / "out"
     sel = " ".join(
         f"tests/test_triton_apply.py::{t}"
-        for t in ("test_bad_inputs_named_errors", "test_rope_head_tile_equals_torch_rope")
+        for t in ("test_bad_inputs_named_errors", "test_rope_tile_and_group_block_equal_torch_rope")
     )
     proc = run(
         ["--allow-cpu", "--only", "tests", "--out", str(out)],

@@ -4,24 +4,19 @@ interpreter at tiny shapes (``--device cpu``), so that a typo cannot waste a GPU
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_variants.sh"
+from fope_megatron.testing.launch import run_script
 
 
 def run(args, timeout=600):
-    env = {**os.environ, "GPU_PY": sys.executable, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout,
-        cwd=ROOT,
-    )  # fmt: skip
+    return run_script(
+        "gpu_variants.sh", args, {"GPU_PY": sys.executable, "OMP_NUM_THREADS": "1"}, timeout
+    )
 
 
 @pytest.mark.parametrize(

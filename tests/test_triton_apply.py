@@ -287,6 +287,7 @@ VARIANT_CASES = {
 }
 
 
+@pytest.mark.kernel_variant
 @pytest.mark.parametrize("mix", ["loop", "dot_tf32x3", "dot_narrow", "dot_narrow_tf32x3"])
 @pytest.mark.parametrize("name", sorted(VARIANT_CASES))
 def test_mixing_variants_equal_torch(name, mix):
@@ -340,6 +341,7 @@ def test_unknown_mix_is_a_clear_error(monkeypatch):
         fope_apply_qk(q, k, torch.arange(16, device=DEVICE), w, a_cos, a_sin, 32)
 
 
+@pytest.mark.kernel_variant
 @pytest.mark.parametrize("mix", ["dot", "dot_narrow", "loop"])
 def test_group_block_equals_one_group_per_program(mix, monkeypatch):
     """``group_block`` > 1 (a program's groups share the angles' cos/sin) gives the torch path's
@@ -367,31 +369,14 @@ def test_group_block_equals_one_group_per_program(mix, monkeypatch):
         fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, mix=mix)
 
 
-def test_rope_group_block_equals_torch_rope():
-    """The RoPE limit with key heads sharing one program's tables (``group_block``)."""
-    rope = RotaryEmbeddingTables(32).to(DEVICE)
-    q, k = _qk(19, 2, 8, 4, 32)
-    pos = torch.arange(19, device=DEVICE) * 13
-    w = rope.frequencies
-    res = {}
-    for way in ("torch", 4):
-        q.grad = k.grad = None
-        if way == "torch":
-            oq, ok = rope.apply_qk(q, k, pos, fusion="torch")
-        else:
-            oq, ok = rope_apply_qk(q, k, pos, w, 32, group_block=way)
-        (oq.sum() + (ok * ok).sum()).backward()
-        res[way] = (oq.detach(), ok.detach(), q.grad.clone(), k.grad.clone())
-    for a, b in zip(res[4], res["torch"], strict=True):
-        assert _maxdiff(a, b) <= 1e-5
-
-
+@pytest.mark.kernel_variant
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_head_tile_equals_torch(name, monkeypatch):
     """``heads='tile'`` (a group's heads as one tile per half, batch row 0 loaded before the
     tables) equals the torch path in outputs and q/k gradients for every layout case, with one
     group and with all groups per program, frozen (backward tiled too) and trainable (the
-    coefficient-gradient backward goes head by head); ``$FOPE_TRITON_HEADS`` selects it."""
+    coefficient-gradient backward goes head by head); ``$FOPE_TRITON_HEADS`` selects it. So does
+    ``heads='each'`` (one head at a time), which ``auto`` picks above 8 query heads per group."""
     heads, groups, d, L, extra = CASES[name]
     q, k = _qk(19, 2, heads, groups, d)
     pos = torch.arange(19, device=DEVICE) * 7 + 300
@@ -399,6 +384,7 @@ def test_head_tile_equals_torch(name, monkeypatch):
         fope = _fope(heads, groups, d, L, learnable=learnable, **extra)
         ways = {
             "dot": dict(mix="dot", heads="tile"),
+            "each": dict(mix="dot", heads="each"),
             "loop_all_groups": dict(mix="loop", group_block=groups, heads="tile"),
         }
         res = _layer1_kernel_and_torch(fope, q, k, pos, ways)
@@ -417,23 +403,27 @@ def test_head_tile_equals_torch(name, monkeypatch):
         fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim)
 
 
-def test_rope_head_tile_equals_torch_rope():
-    """The RoPE limit with ``heads='tile'``, one key head and all key heads per program."""
+@pytest.mark.kernel_variant
+def test_rope_tile_and_group_block_equal_torch_rope():
+    """The RoPE limit head by head with all key heads sharing one program's tables
+    (``group_block``), and with ``heads='tile'``, one key head and all key heads per program."""
     rope = RotaryEmbeddingTables(32).to(DEVICE)
     q, k = _qk(19, 2, 8, 4, 32)
     pos = torch.arange(19, device=DEVICE) * 13
+    ways = {"each_4": ("each", 4), "tile_1": ("tile", 1), "tile_4": ("tile", 4)}
     res = {}
-    for way in ("torch", 1, 4):
+    for way in ("torch", *ways):
         q.grad = k.grad = None
         if way == "torch":
             oq, ok = rope.apply_qk(q, k, pos, fusion="torch")
         else:
-            oq, ok = rope_apply_qk(q, k, pos, rope.frequencies, 32, group_block=way, heads="tile")
+            hw, gb = ways[way]
+            oq, ok = rope_apply_qk(q, k, pos, rope.frequencies, 32, group_block=gb, heads=hw)
         (oq.sum() + (ok * ok).sum()).backward()
         res[way] = (oq.detach(), ok.detach(), q.grad.clone(), k.grad.clone())
-    for way in (1, 4):
+    for way in ways:
         for a, b in zip(res[way], res["torch"], strict=True):
-            assert _maxdiff(a, b) <= 1e-5
+            assert _maxdiff(a, b) <= 1e-5, way
 
 
 def test_auto_defaults_pick_the_measured_variants(monkeypatch):
@@ -465,6 +455,7 @@ def test_auto_defaults_pick_the_measured_variants(monkeypatch):
     assert torch.equal(explicit[0], fused[0]) and torch.equal(explicit[1], fused[1])
 
 
+@pytest.mark.kernel_variant
 def test_tile_launches_prune_the_large_blocks():
     """The autotuner's early prune keeps every config for head-by-head launches and only blocks
     up to TILE_MAX_BLOCK for tile launches (never an empty list)."""
@@ -482,6 +473,7 @@ def test_tile_launches_prune_the_large_blocks():
     assert tk._fope_qk_tuned.early_config_prune is tk.prune_configs
 
 
+@pytest.mark.kernel_variant
 def test_autotuner_calls_the_prune_with_head_tile(monkeypatch):
     """Through triton's own Autotuner: with a 16- and a 64-position config, a tile launch is
     pruned to the 16 one (a single config: no timing, so this runs under the interpreter too) and

@@ -38,6 +38,18 @@ def env(extra: dict | None = None) -> dict:
     return e
 
 
+def run_script(
+    script: str, args: list[str], extra_env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``bash scripts/<script> args`` from the repository root, output captured; the environment
+    is this process's plus ``extra_env``."""
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["bash", str(root / "scripts" / script), *args], capture_output=True, text=True,
+        env={**os.environ, **(extra_env or {})}, timeout=timeout, cwd=root,
+    )  # fmt: skip
+
+
 def command(launcher: str, nproc: int, args: list[str]) -> list[str]:
     py = sys.executable
     if launcher == "python":
