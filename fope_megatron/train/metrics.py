@@ -13,32 +13,65 @@ import torch
 
 log = logging.getLogger("fope")
 
-# Dense bf16 peak TFLOP/s (no sparsity) by device-name fragment, for MFU.
-DENSE_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "GH200": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 125.0,
-    "V100": 125.0,
-}
+# Dense bf16 peak TFLOP/s (no sparsity) per GPU, by device-name fragment; the first fragment found
+# in ``torch.cuda.get_device_name()`` wins, so the PCIe/NVL variants come before plain "H100".
+DENSE_BF16_PEAK_TFLOPS = (
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312.0),
+    ("L40S", 362.0),
+)
 
 
-def device_peak_tflops() -> float | None:
-    """The device's dense peak (bf16), or None when unknown (CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in DENSE_PEAK_TFLOPS.items():
-        if key in name:
+def peak_tflops_for(device_name: str) -> float | None:
+    """Dense bf16 peak of the GPU called ``device_name``, or None when it is not in the table."""
+    for fragment, value in DENSE_BF16_PEAK_TFLOPS:
+        if fragment in device_name:
             return value
     return None
 
 
-def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12*L*h*s for attention scores."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+def device_peak_tflops() -> float | None:
+    """This process's GPU's dense bf16 peak, or None on CPU or an unknown GPU (no MFU then)."""
+    if not torch.cuda.is_available():
+        log.info("MFU: not reported on CPU (no dense bf16 peak to compare with)")
+        return None
+    name = torch.cuda.get_device_name()
+    peak = peak_tflops_for(name)
+    if peak is None:
+        log.warning("MFU: no dense bf16 peak known for %r; MFU is not reported", name)
+    else:
+        log.info("MFU: against the dense bf16 peak of %s, %.0f TFLOP/s per GPU", name, peak)
+    return peak
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs (forward and backward) per token of ``cfg``'s model, counted as Megatron-LM's
+    ``num_floating_point_operations`` counts a dense GPT (docs/mfu.md).
+
+    Every matmul costs 2 FLOPs per multiply-add in the forward pass and twice that in the
+    backward (input and weight gradients): 6 per weight per token. The weights are the q/k/v
+    (GQA: k and v have ``num_query_groups`` heads) and output projections, the MLP (SwiGLU: three
+    ``h x ffn`` matrices, else two) and the output layer (``h x padded vocab``, tied or not); the
+    input embedding is a lookup and not counted. Causal attention adds ``QK^T`` and ``AV`` over
+    ``s / 2`` keys on average. Norms, softmax and the position encoding are not counted.
+    """
+    from ..model.vocab import padded_vocab_size
+
+    m = cfg.model
+    h, seq = m.hidden_size, cfg.train.seq_length
+    head_dim = h // m.num_attention_heads
+    q_width = m.num_attention_heads * head_dim
+    kv_width = (m.num_query_groups or m.num_attention_heads) * head_dim
+    ffn = m.ffn_hidden_size or 4 * h
+    projections = h * (q_width + 2 * kv_width) + q_width * h
+    mlp = (3 if m.swiglu else 2) * h * ffn
+    attention = 2 * q_width * seq / 2  # QK^T and AV, each over s/2 keys (causal)
+    per_layer = projections + mlp + attention
+    return 6.0 * (m.num_layers * per_layer + h * padded_vocab_size(cfg))
 
 
 def memory_gb() -> float:
@@ -118,7 +151,8 @@ class MetricsLogger:
     def train_step(self, record: dict, flops_per_tok: float, console: bool) -> None:
         if not self.active:
             return
-        tflops = record["tokens_per_s"] * flops_per_tok / 1e12
+        # per GPU: tokens_per_s is the whole job's, spread over world_size GPUs
+        tflops = record["tokens_per_s"] * flops_per_tok / 1e12 / record.get("world_size", 1)
         record["tflops"] = tflops
         record["mfu"] = tflops / self.peak if self.peak else None
         record["memory_gb"] = memory_gb()

@@ -370,12 +370,7 @@ class Trainer:
         metrics = MetricsLogger(
             self.run_dir, self.rank, t.steps, self.step, cfg.run.tensorboard, wandb=cfg.run.wandb
         )
-        fpt = flops_per_token(
-            self.num_params * self.ps.get_tensor_model_parallel_world_size(),
-            cfg.model.num_layers,
-            cfg.model.hidden_size,
-            t.seq_length,
-        )
+        fpt = flops_per_token(cfg)
         it = self._batches(self.train_ds, self.consumed_samples)
         timer = Timer()
         exit_code = 0
