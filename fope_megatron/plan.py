@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from fope_megatron.compat.warnings import add_verbose_flag, quiet_known_warnings
 from fope_megatron.config import Config, ConfigError, load_config
 from fope_megatron.fope import base_frequencies, default_d_out, floor_frequencies
 from fope_megatron.model.vocab import padded_vocab_size
@@ -532,12 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="flash: fused attention, no score matrix stored (default); math: s x s scores",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_known_warnings(args.verbose)
     given = dict(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb
     )

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fope_megatron.compat.warnings import add_verbose_flag, quiet_known_warnings
 from fope_megatron.data import jsonl
 from fope_megatron.data.tokenizer import Tokenizer, get_tokenizer
 
@@ -301,12 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop malformed JSON lines (counted in the output and .meta.json) instead of failing",
     )
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_known_warnings(args.verbose)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     try:

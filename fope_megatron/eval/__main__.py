@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..compat.warnings import add_verbose_flag, quiet_known_warnings
 from .heldout import heldout_tokens
 
 __all__ = ["heldout_tokens", "main"]
@@ -148,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None)
     p.add_argument("--no-progress", action="store_true")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
-    from ..compat.warnings import quiet_known_warnings
-
-    quiet_known_warnings()
+    quiet_known_warnings(args.verbose)
     if args.compare:
         from .report import compare
 
