@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         ["--run", str(run_dir), "--out", str(run_dir / "eval"), "--lengths",
          ",".join(map(str, lengths)), "--passkey-trials", "10", "--no-progress"]
     )  # fmt: skip
+    if eval_code == 0:
+        from .eval.report import load_eval
+
+        print(passkey_note(load_eval(run_dir / "eval")["passkey"], cfg.data.passkey_fraction))
     print(f"\nsmoke run dir: {run_dir}")
     print(f"corpus unigram entropy : {entropy:.3f} nats/token")
     print(f"final training loss    : {final:.3f} nats/token ({final / entropy:.0%} of it)")
@@ -62,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         print("smoke FAILED: the loss did not fall far below the unigram entropy")
         return 1
     return eval_code or hand_off(run_dir)
+
+
+def passkey_note(passkey: dict[str, float], passkey_fraction: float) -> str:
+    """What the report's passkey column means for this run (``passkey``: accuracy per length)."""
+    what = "passkey acc = share of trials whose 5-digit key is generated back exactly"
+    if passkey and not any(passkey.values()) and passkey_fraction == 0:
+        return (
+            f"note: {what}. It is 0 at every length here: the smoke model is not trained for "
+            "retrieval (data.passkey_fraction=0), so perplexity is its length measure. "
+            "See docs/evaluation.md."
+        )
+    return f"note: {what}; see docs/evaluation.md."
 
 
 def hand_off(run_dir: Path, prompt: str = "The grass is") -> int:
