@@ -2,7 +2,7 @@
 # One-node training through the DeepSpeed launcher.
 #
 #   launch/deepspeed.sh CONFIG [key=value ...]
-#   NPROC=8 launch/deepspeed.sh configs/llama-1b-fope.yaml
+#   NPROC=8 launch/deepspeed.sh configs/llama_1b_fope.yaml
 #
 # Environment (defaults in brackets):
 #   NPROC         ranks on this node [number of visible GPUs, else 1]

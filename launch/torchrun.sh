@@ -2,7 +2,7 @@
 # One-node training through torchrun (c10d rendezvous on this machine).
 #
 #   launch/torchrun.sh CONFIG [key=value ...]
-#   NPROC=4 LOG_RANK=0,1 launch/torchrun.sh configs/fope-60m.yaml train.steps=100
+#   NPROC=4 LOG_RANK=0,1 launch/torchrun.sh configs/fope_60m.yaml train.steps=100
 #
 # Environment (defaults in brackets):
 #   NPROC         ranks on this node [number of visible GPUs, else 1]

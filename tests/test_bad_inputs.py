@@ -5,7 +5,7 @@ Each row is a real command line (the CLI's own ``main``, in this process) on rea
 ``.bin/.idx`` datasets, JSONL, checkpoints. Each must exit 2 (argparse's code too) with a message
 naming the input, before any process group starts or any model is built: ``WORLD_SIZE=2`` with
 no second rank would hang an escaped case, and the test checks that ``torch.distributed`` was
-never initialised. README "Troubleshooting" lists the same inputs.
+never initialised. docs/troubleshooting.md lists the same inputs.
 """
 
 from __future__ import annotations
@@ -173,5 +173,5 @@ def test_bad_input_exits_2_naming_it(case, files, capsys, monkeypatch, tmp_path)
 
 
 def test_catalogue_size():
-    """The closing figure of issue 12: at least 25 bad inputs, every CLI covered."""
+    """At least 25 bad inputs, every CLI covered."""
     assert len(CASES) >= 25 and {c[1] for c in CASES} == {T, P, E, L, X}

@@ -1,4 +1,4 @@
-"""FoPE math against the spec (shared/FOPE_SPEC.md sections 1-3) and megatron-core's RoPE."""
+"""FoPE math against its statement (docs/fope.md sections 1-3) and megatron-core's RoPE."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Issue 12: a diverged step is never saved, damaged checkpoints are skipped, changed settings on
+"""Trust: a diverged step is never saved, damaged checkpoints are skipped, changed settings on
 resume are applied or refused, held-out data is what the user gave. Real trainer processes, real
 files; faults are injected with FOPE_FAULT_LOSS (rank 0's loss of a step scaled or made NaN) and by
 truncating checkpoint files after they were written.

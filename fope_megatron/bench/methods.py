@@ -9,8 +9,8 @@ Methods (``available_methods`` says which run here):
 - ``fope_fused``: our Triton kernel, q and k in one launch (CUDA, or the CPU interpreter), with
   its defaults (``mix='auto'``, ``heads='auto'``: at these shapes the Fourier-column product as
   3xTF32, a group's heads as one tile).
-- ``fope_fused_dot``: the kernel's defaults before 2026-11-27: an IEEE fp32 ``tl.dot`` over all
-  pairs, one head at a time.
+- ``fope_fused_dot``: an IEEE fp32 ``tl.dot`` over all pairs (``mix='dot'``), one head at a
+  time (``heads='each'``).
 - ``fope_fused_loop``: the same kernel forming its tables one frequency at a time (``mix='loop'``).
 - ``fope_fused_tf32x3``: the same kernel with the table product on tensor cores (3xTF32).
 - ``fope_fused_narrow``: the same kernel multiplying only the Fourier columns (``dot_narrow``).

@@ -2,7 +2,7 @@
 
     python -m fope_megatron.bench.apply --suite --device cuda --json docs/results/gpu/bench.json
 
-Shapes (issue 9): bf16, q ``[s, b, 32, 128]``, k ``[s, b, 8, 128]``, s in {4096, 8192}. For each
+Shapes: bf16, q ``[s, b, 32, 128]``, k ``[s, b, 8, 128]``, s in {4096, 8192}. For each
 method: median forward time, median forward+backward time (the methods take turns within each
 repeat), saved-for-backward bytes, and achieved bandwidth = minimum bytes moved / time, where the
 minimum is reading q and k and writing q' and k' (forward; twice that with backward, which reads

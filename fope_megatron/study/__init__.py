@@ -1,1 +1,1 @@
-"""The length-generalization study (issue 11): ``python -m fope_megatron.study``."""
+"""The length-generalization study: ``python -m fope_megatron.study`` (docs/evaluation.md)."""

@@ -1,4 +1,4 @@
-"""The length-generalization study (issue 11) in one command: train FoPE and RoPE twins with a
+"""The length-generalization study in one command: train FoPE and RoPE twins with a
 passkey mixture on each corpus and seed, evaluate every row (RoPE, RoPE+PI, RoPE+NTK,
 RoPE+dynamic-NTK, RoPE+YaRN, FoPE, FoPE+YaRN) at 1x..16x, aggregate mean and min-max.
 
