@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fope-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test smoke lint format bench wheelhouse gpu-check study study-gpu clean
+.PHONY: install test test-fast smoke lint format bench wheelhouse gpu-check study study-gpu clean
 
 install: $(STAMP)
 
@@ -23,8 +23,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[test,lm-eval]'
 	@touch $(STAMP)
 
+# Two test tiers. `make test`: every test, what CI runs (.ci/run), about 20 minutes on 2 cores: real
+# trainings under torchrun / the DeepSpeed launcher, SIGKILLed ranks, a local Slurm cluster.
+# `make test-fast`: unit and numerics tests only, under 5 minutes on 2 cores, for the edit-test
+# loop. It leaves out these markers (pyproject.toml, [tool.pytest.ini_options]): integration
+# (starts the trainer, a CLI or a script in child processes), slow (over ~15 s), slurm, gpu and
+# kernel_variant (kernel variants that `auto` does not pick; the default path stays in).
+FAST_TESTS := not integration and not slow and not slurm and not gpu and not kernel_variant
+
 test: install
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "$(FAST_TESTS)" --durations=10 $(PYTEST_ARGS)
 
 smoke: install
 	$(PY) -m fope_megatron.smoke

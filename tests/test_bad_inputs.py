@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from fope_megatron.testing import launch
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

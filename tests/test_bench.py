@@ -43,6 +43,7 @@ def test_bench_apply_rejects_bad_groups():
         main(["--heads", "4", "--groups", "3", "--repeats", "1"])
 
 
+@pytest.mark.slow
 def test_profile_apply_lists_the_fused_kernels(capsys):
     """The GPU diagnosis script runs end to end (CPU: through the Triton interpreter) and its
     profile shows the fused autograd function of each method, forward and backward."""

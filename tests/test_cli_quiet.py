@@ -19,6 +19,8 @@ import pytest
 
 from fope_megatron.compat.warnings import QUIET_ENV
 
+pytestmark = pytest.mark.integration  # every tool runs as a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {  # [project.scripts] of pyproject.toml, as installed
     e.name: e.value

@@ -78,6 +78,7 @@ def _build_small(rank, world, paths):
     return out
 
 
+@pytest.mark.slow
 def test_small_configs_build_a_model():
     small = _small()
     built = run_distributed(_build_small, 1, small)[0]

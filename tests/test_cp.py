@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.testing.models import random_batch, tiny_config
+from fope_megatron.testing.models import layout_config, random_batch
 
 SEQ, VOCAB = 32, 258
 
@@ -108,10 +108,6 @@ def test_cp_shard_roundtrip_and_packed_indices():
 
 
 # ----------------------------------------------------------------------------- model: CP=2
-def cfg_for(kind, cp, extra=()):
-    return tiny_config(kind, SEQ, "fope.learnable=true", f"parallel.cp={cp}", *extra)
-
-
 CASES = [("fope", ()), ("rope", ()), ("fope", ("model.num_query_groups=2",))]
 
 
@@ -179,7 +175,7 @@ def _cp_job(rank, world):
     out = []
     for kind, extra in CASES:
         init_model_parallel(cp=1)
-        ref_model = build_gpt(cfg_for(kind, 1, extra))
+        ref_model = build_gpt(layout_config(kind, SEQ, "fope.learnable=true", *extra))
         ref = _run(ref_model, 0, 1)
         ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
         # Independent check of the packed reference: sequence 2 alone, positions from 0.
@@ -189,7 +185,7 @@ def _cp_job(rank, world):
 
         init_model_parallel(cp=2)
         group = ps.get_context_parallel_group()
-        model = build_gpt(cfg_for(kind, 2, extra))
+        model = build_gpt(layout_config(kind, SEQ, "fope.learnable=true", *extra, cp=2))
         core = model.decoder.layers[0].self_attention.core_attention
         logits, loss, thd = _run(model, ps.get_context_parallel_rank(), 2)
         local_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -219,6 +215,7 @@ def _cp_job(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_cp2_equals_cp1():
     results = run_distributed(_cp_job, 2)
     for rank_res in results:

@@ -339,6 +339,7 @@ def _distributed_build(rank, world_size, prefix, blend, cache_dir):
     }
 
 
+@pytest.mark.slow
 def test_distributed_build_matches_single_process(corpus, tmp_path):
     a, b = letter_prefix(tmp_path, "a"), letter_prefix(tmp_path, "b")
     blend = [0.5, a, 0.5, b]

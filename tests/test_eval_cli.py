@@ -11,6 +11,8 @@ import torch
 from fope_megatron.testing import launch
 from fope_megatron.testing.distributed import run_distributed
 
+pytestmark = pytest.mark.integration
+
 LENGTHS = [128, 256]
 
 

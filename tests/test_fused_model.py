@@ -38,6 +38,7 @@ def _logits_and_grads(rank, world, kind, fusion, extra):
     return attn.position.fusion, logits.detach().cpu(), grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, extra",
     [
@@ -60,6 +61,7 @@ def test_model_triton_equals_torch(kind, extra):
         assert diff <= 1e-5, (name, diff)
 
 
+@pytest.mark.integration
 def test_trainer_records_fusion_and_matches_torch(tmp_path, corpus):
     """A 3-step run with position.fusion=triton logs the choice, writes it into config.yaml, and
     gives the torch run's losses and grad norms."""
@@ -92,6 +94,7 @@ TINY_ARGS = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="this machine has CUDA, where position.fusion=triton is valid"
 )

@@ -44,6 +44,7 @@ def test_help_lists_the_options():
         assert opt in proc.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_wheelhouse_and_offline_install_dry_run(tmp_path):
     """Build the wheelhouse (this interpreter's tags), install offline, import everything."""
@@ -97,6 +98,7 @@ def test_report_from_metrics(tmp_path):
     assert "| fope_fused |" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.integration
 def test_tests_step_runs_two_pytest_processes(tmp_path):
     """The tests step (run here without CUDA, kernel under the interpreter) splits the kernel
     tests over two pytest processes, one log each, and reports both."""

@@ -35,6 +35,7 @@ def test_bad_arguments_exit_2_naming_them(args, message):
     assert message in proc.stderr
 
 
+@pytest.mark.integration
 def test_every_step_runs_on_cpu(tmp_path):
     """Cache fill, the three test processes, the timed suites, the fastest-variant pick and the
     profile all run and land in results.tgz (interpreter, s=16, floors 16 and 8)."""

@@ -103,6 +103,7 @@ def _trained_parity(rank, world, runs):
     return result
 
 
+@pytest.mark.integration
 def test_trainer_checkpoints_export_with_parity_and_cached_greedy(exported):
     result = run_distributed(_trained_parity, 1, exported)[0]
     for name in exported:
@@ -113,6 +114,7 @@ def test_trainer_checkpoints_export_with_parity_and_cached_greedy(exported):
         assert torch.equal(cached, uncached) and torch.equal(cached, ours), name
 
 
+@pytest.mark.integration
 def test_export_dir_is_self_contained(exported):
     import json
 
@@ -129,6 +131,7 @@ def test_export_dir_is_self_contained(exported):
     assert tok.eos_token_id == 256 and tok.pad_token_id == 257
 
 
+@pytest.mark.integration
 def test_lm_eval_hflm_loglikelihood_matches_ours(exported):
     pytest.importorskip("lm_eval", reason="the lm-eval extra (make test installs it)")
     run_dir, hf_dir = exported["zero3"]
@@ -171,6 +174,7 @@ def _our_loglikelihood(rank, world, run_dir, requests):
     return out
 
 
+@pytest.mark.integration
 def test_export_errors_name_the_input(exported, tmp_path):
     run_dir, hf_dir = exported["zero3"]
     empty = tmp_path / "norun"
@@ -205,6 +209,7 @@ def _passkey_both_ways(rank, world, run_dir):
     return full, cached, _greedy(fn, prompts, 8), greedy(prompts, 8)
 
 
+@pytest.mark.integration
 def test_passkey_through_kv_cache_gives_the_same_answers(exported):
     full, cached, tokens_full, tokens_cached = run_distributed(
         _passkey_both_ways, 1, exported["tp2"][0]

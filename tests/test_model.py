@@ -1,29 +1,16 @@
 """megatron-core GPTModel with FoPE / RoPE: forward, backward, state, and TP=2 equals TP=1."""
 
+import pytest
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
+from fope_megatron.testing.models import tiny_config
 
 COMBOS = [("fope", None), ("fope", 2), ("rope", None), ("rope", 2), ("fope", 1)]
 
 
 def tiny(kind, groups, *extra):
-    from fope_megatron.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            f"model.num_query_groups={groups if groups else 'null'}",
-            "train.seq_length=32",
-            f"model.position_embedding={kind}",
-            "fope.sigma=0.5",
-            "fope.train_seq_len=64",
-            *extra,
-        ],
-    )
+    return tiny_config(kind, 32, f"model.num_query_groups={groups if groups else 'null'}", *extra)
 
 
 def _logits_for_layout(rank, world, tp):
@@ -45,6 +32,7 @@ def _logits_for_layout(rank, world, tp):
     return out
 
 
+@pytest.mark.slow
 def test_tp2_logits_equal_tp1():
     single = run_distributed(_logits_for_layout, 1, 1)[0]
     double = run_distributed(_logits_for_layout, 2, 2)

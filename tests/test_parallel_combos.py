@@ -5,24 +5,16 @@ Proves the groups are orthogonal (Ulysses inside megatron's data-parallel group,
 and that SP's gather and CP's / Ulysses' positions compose (~20 s on 2 cores).
 """
 
+import pytest
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.testing.models import random_batch, tiny_config
+from fope_megatron.testing.models import layout_config, random_batch
 
 SEQ, VOCAB = 32, 258
 
 
-def cfg_for(tp=1, cp=1, ulysses=1):
-    return tiny_config(
-        "fope",
-        SEQ,
-        "fope.learnable=true",
-        f"parallel.tp={tp}",
-        f"parallel.sp={str(tp > 1).lower()}",
-        f"parallel.cp={cp}",
-        f"parallel.ulysses={ulysses}",
-    )
+LEARNABLE = "fope.learnable=true"
 
 
 def _batch():
@@ -61,13 +53,13 @@ def _combo_job(rank, world):
     )
 
     setup.init_model_parallel()
-    ref_model = build_gpt(cfg_for())
+    ref_model = build_gpt(layout_config("fope", SEQ, LEARNABLE))
     ref_logits, ref_loss = _step(ref_model, *_batch())
     ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
     out = {}
 
     setup.init_model_parallel(tp=2, cp=2)
-    model = build_gpt(cfg_for(tp=2, cp=2))
+    model = build_gpt(layout_config("fope", SEQ, LEARNABLE, tp=2, sp=True, cp=2))
     group = ps.get_context_parallel_group()
     tokens, labels, pos = _batch()
     tokens, labels, _, pos = shard_batch_for_cp(
@@ -85,7 +77,7 @@ def _combo_job(rank, world):
     )
 
     setup.init_model_parallel(tp=2, ulysses=2)
-    model = build_gpt(cfg_for(tp=2, ulysses=2))
+    model = build_gpt(layout_config("fope", SEQ, LEARNABLE, tp=2, sp=True, ulysses=2))
     group, u = setup.get_ulysses_group(), setup.get_ulysses_rank()
     tokens, labels, pos = _batch()
     tokens, labels, _, pos = shard_batch_for_ulysses(tokens, labels, u, 2, None, pos)
@@ -106,6 +98,7 @@ def _combo_job(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_tp2_cp2_and_tp2_ulysses2_with_sp_equal_one_rank():
     results = run_distributed(_combo_job, 4)
     for rank, res in enumerate(results):

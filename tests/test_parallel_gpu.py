@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fope_megatron.testing.distributed import free_port, run_distributed
+from fope_megatron.testing.models import layout_config
 
 SEQ, VOCAB = 64, 258
 
@@ -29,27 +30,19 @@ pytestmark = [
 ]
 
 
-def cfg_for(kind, precision, cp=1, extra=()):
-    from fope_megatron.config import load_config
-
-    return load_config(
-        None,
-        [
-            "model.num_layers=2",
-            "model.hidden_size=128",
-            "model.num_attention_heads=4",
-            "model.num_query_groups=2",
-            # Larger weights than the default 0.02 so attention is far from uniform and a wrong
-            # position would show in the logits.
-            "model.init_method_std=0.2",
-            f"train.seq_length={SEQ}",
-            f"train.precision={precision}",
-            f"model.position_embedding={kind}",
-            "fope.sigma=0.5",
-            f"fope.train_seq_len={SEQ}",
-            f"parallel.cp={cp}",
-            *extra,
-        ],
+def _config(kind, precision, cp=1):
+    """The tiny model at hidden 128 with GQA (2 groups), FoPE's floor at ``SEQ``."""
+    return layout_config(
+        kind,
+        SEQ,
+        "model.hidden_size=128",
+        "model.num_query_groups=2",
+        # Larger weights than the default 0.02 so attention is far from uniform and a wrong
+        # position would show in the logits.
+        "model.init_method_std=0.2",
+        f"train.precision={precision}",
+        f"fope.train_seq_len={SEQ}",
+        cp=cp,
     )
 
 
@@ -77,7 +70,7 @@ def _te_vs_local_job(rank, world):
     tokens, labels, pos = _tokens("cuda")
     out = {}
     for kind in ("fope", "rope", "none"):
-        cfg = cfg_for(kind, "fp32")
+        cfg = _config(kind, "fp32")
         te = build_gpt(cfg)
         local = build_gpt(cfg, use_transformer_engine=False)
         state = {
@@ -139,12 +132,12 @@ def _te_cp_job(rank, world, port):
     for kind in ("fope", "rope"):
         tokens, labels, pos = _tokens("cuda")
         init_model_parallel(cp=1)
-        ref = build_gpt(cfg_for(kind, "bf16", cp=1))
+        ref = build_gpt(_config(kind, "bf16", cp=1))
         with torch.no_grad():
             ref_loss = ref(tokens, pos.expand(2, -1), None, labels=labels).float()
         state = ref.state_dict()
         init_model_parallel(cp=2)
-        model = build_gpt(cfg_for(kind, "bf16", cp=2))
+        model = build_gpt(_config(kind, "bf16", cp=2))
         model.load_state_dict(state)
         cp_rank = ps.get_context_parallel_rank()
         t, lab, _, p = shard_batch_for_cp(tokens, labels, cp_rank, 2, None, pos.expand(2, -1))

@@ -2,10 +2,11 @@
 at TP=1 and back at TP=2 with the same logits; FoPE coefficients, fused QKV, SwiGLU fc1 (stride 2),
 vocab-parallel embedding/output layer and biases included."""
 
+import pytest
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.testing.models import tiny_config
+from fope_megatron.testing.models import layout_config
 
 SEQ, VOCAB = 32, 258
 CASES = [
@@ -15,10 +16,6 @@ CASES = [
     ),
     ("rope", ("model.swiglu=false",)),
 ]
-
-
-def cfg_for(kind, tp, extra):
-    return tiny_config(kind, SEQ, f"parallel.tp={tp}", *extra)
 
 
 def _logits(model):
@@ -57,7 +54,7 @@ def _reshard_job(rank, world, tmpdir):
     for i, (kind, extra) in enumerate(CASES):
         path1, path2 = f"{tmpdir}/tp2-{i}.pt", f"{tmpdir}/tp1-{i}.pt"
         init_model_parallel(tp=2)
-        tp2 = build_gpt(cfg_for(kind, 2, extra))
+        tp2 = build_gpt(layout_config(kind, SEQ, *extra, tp=2))
         _perturb(tp2, ps.get_tensor_model_parallel_rank())
         state2 = {k: v.clone() for k, v in tp2.state_dict().items() if v is not None}
         logits2 = _logits(tp2)
@@ -65,7 +62,7 @@ def _reshard_job(rank, world, tmpdir):
         dist.barrier()
 
         init_model_parallel(tp=1)
-        tp1 = build_gpt(cfg_for(kind, 1, extra))
+        tp1 = build_gpt(layout_config(kind, SEQ, *extra))
         fresh = (_logits(tp1) - logits2).abs().max().item()
         load_full_checkpoint(tp1, path1)
         logits1 = _logits(tp1)
@@ -75,7 +72,7 @@ def _reshard_job(rank, world, tmpdir):
         dist.barrier()
 
         init_model_parallel(tp=2)
-        back = build_gpt(cfg_for(kind, 2, extra))
+        back = build_gpt(layout_config(kind, SEQ, *extra, tp=2))
         load_full_checkpoint(back, path2)
         logits_back = _logits(back)
         same_state = all(
@@ -96,6 +93,7 @@ def _reshard_job(rank, world, tmpdir):
     return out
 
 
+@pytest.mark.slow
 def test_reshard_tp2_tp1_tp2(tmp_path):
     results = run_distributed(_reshard_job, 2, str(tmp_path))
     for rank_res in results:

@@ -7,6 +7,8 @@ import pytest
 
 from fope_megatron.testing import launch
 
+pytestmark = pytest.mark.integration
+
 STEPS = 5
 LAYOUTS = {
     "tp2": ["parallel.tp=2"],

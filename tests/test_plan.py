@@ -105,6 +105,7 @@ def built():
     return run_distributed(_build_all, 2)
 
 
+@pytest.mark.slow
 def test_parameter_count_equals_built_model(built):
     rank0 = built[0]
     for name, file, overrides, device in BUILDS:
@@ -121,6 +122,7 @@ def test_parameter_count_equals_built_model(built):
     assert rank0[("llama_7b_rope", 1)][0] == 8_030_261_248  # Llama-3-8B
 
 
+@pytest.mark.slow
 def test_parameter_count_per_tp_rank(built):
     for name, file, overrides in BUILDS_TP2:
         count = count_parameters(_cfg(file, overrides), tp=2)

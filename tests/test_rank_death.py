@@ -18,7 +18,7 @@ import pytest
 
 from fope_megatron.testing import launch
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 150  # tiny steps take ~30 ms: long enough to kill a rank mid-run

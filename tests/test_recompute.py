@@ -64,6 +64,7 @@ def test_bad_recompute_settings_are_named_config_errors(overrides, needles):
     load_config(None, ["data.synthetic=true", *FULL, "model.num_layers=4", *block]).validate(1)
 
 
+@pytest.mark.integration
 def test_bad_recompute_fails_before_process_groups(tmp_path, corpus):
     # WORLD_SIZE=2 with no second rank: a process group would hang, so exit 2 proves the order
     env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29998"}
@@ -74,6 +75,7 @@ def test_bad_recompute_fails_before_process_groups(tmp_path, corpus):
     assert time.time() - t0 < 60 and "train.recompute_num_layers=5" in proc.stderr
 
 
+@pytest.mark.integration
 def test_recompute_trains_exactly_like_no_recompute(runs):
     ref = runs("none")
     assert ref[-1][0] < ref[0][0]  # it learns
@@ -83,6 +85,7 @@ def test_recompute_trains_exactly_like_no_recompute(runs):
     same_steps(runs("full_block1", *FULL, *block), ref)  # 1 of the 2 layers recomputed
 
 
+@pytest.mark.integration
 def test_full_recompute_with_tp2_sequence_parallel(runs):
     """SP dropout draws from megatron's model-parallel RNG tracker, which recompute restores."""
     tp = ["parallel.tp=2", "parallel.sp=true"]

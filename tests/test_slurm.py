@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(170)]
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.timeout(170)]
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "fope_megatron.testing.slurm_probe"

@@ -66,6 +66,7 @@ def run_launcher(script: str, tmp_path: Path, *train_args: str, **env: str):
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", LAUNCHERS)
 def test_launcher_runs_ranks_and_filters_console(script, tmp_path):
     proc = run_launcher(script, tmp_path, "probe.steps=2")
@@ -81,6 +82,7 @@ def test_launcher_runs_ranks_and_filters_console(script, tmp_path):
     assert "probe rank=1 step=2" in logged
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", LAUNCHERS)
 def test_launcher_returns_failure(script, tmp_path):
     proc = run_launcher(script, tmp_path, "probe.fail_rank=0", NPROC="1")

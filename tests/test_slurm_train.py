@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 120

@@ -7,7 +7,7 @@ processes, so no second spawn is needed.
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.testing.models import random_batch, tiny_config
+from fope_megatron.testing.models import layout_config, random_batch
 
 SEQ, VOCAB = 32, 258
 
@@ -18,10 +18,6 @@ CASES = [
     ("rope", ("model.normalization=LayerNorm", "model.add_bias_linear=true")),
     ("fope", ("model.num_query_groups=2",)),
 ]
-
-
-def cfg_for(kind, extra, tp=1, sp=False):
-    return tiny_config(kind, SEQ, f"parallel.tp={tp}", f"parallel.sp={str(sp).lower()}", *extra)
 
 
 def _batch():
@@ -52,9 +48,9 @@ def _sp_job(rank, world):
     out = []
     for kind, extra in CASES:
         init_model_parallel(tp=1)
-        ref = _run(build_gpt(cfg_for(kind, extra)))
+        ref = _run(build_gpt(layout_config(kind, SEQ, *extra)))
         init_model_parallel(tp=2)
-        model = build_gpt(cfg_for(kind, extra, tp=2, sp=True))
+        model = build_gpt(layout_config(kind, SEQ, *extra, tp=2, sp=True))
         sp_names = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", 0)}
         got = _run(model)
         model.zero_grad(set_to_none=True)

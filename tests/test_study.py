@@ -15,6 +15,7 @@ from fope_megatron.testing import launch
 ROW_SET = ["RoPE", "RoPE+dynamic-NTK", "FoPE+YaRN"]
 
 
+@pytest.mark.integration
 def test_study_driver_tiny_budget(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     cmd = [

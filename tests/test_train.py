@@ -13,6 +13,8 @@ import torch
 
 from fope_megatron.testing import launch
 
+pytestmark = pytest.mark.integration
+
 STEPS = 6
 
 

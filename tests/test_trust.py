@@ -14,7 +14,7 @@ import pytest
 
 from fope_megatron.testing import launch
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def steps_of(run_dir):

@@ -1,16 +1,13 @@
 """DeepSpeed-Ulysses on CPU: Ulysses=2 equals one rank (per-token loss, logits, gradients)."""
 
+import pytest
 import torch
 
 from fope_megatron.testing.distributed import run_distributed
-from fope_megatron.testing.models import tiny_config
+from fope_megatron.testing.models import layout_config
 
 SEQ, VOCAB = 32, 258
 CASES = [("fope", ()), ("rope", ()), ("fope", ("model.num_query_groups=2",))]
-
-
-def cfg_for(kind, ulysses, extra=()):
-    return tiny_config(kind, SEQ, "fope.learnable=true", f"parallel.ulysses={ulysses}", *extra)
 
 
 def _run(model, rank, size):
@@ -44,12 +41,12 @@ def _ulysses_job(rank, world):
     out = []
     for kind, extra in CASES:
         setup.init_model_parallel()
-        ref_model = build_gpt(cfg_for(kind, 1, extra))
+        ref_model = build_gpt(layout_config(kind, SEQ, "fope.learnable=true", *extra))
         ref = _run(ref_model, 0, 1)
         ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
         setup.init_model_parallel(ulysses=2)
         group = setup.get_ulysses_group()
-        model = build_gpt(cfg_for(kind, 2, extra))
+        model = build_gpt(layout_config(kind, SEQ, "fope.learnable=true", *extra, ulysses=2))
         attn = model.decoder.layers[0].self_attention
         logits, loss = _run(model, setup.get_ulysses_rank(), 2)
         local = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -71,6 +68,7 @@ def _ulysses_job(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_ulysses2_equals_single_rank():
     results = run_distributed(_ulysses_job, 2)
     for rank, rank_res in enumerate(results):

@@ -23,6 +23,21 @@ def tiny_config(kind: str, seq: int, *overrides: str):
     )
 
 
+def layout_config(
+    kind: str,
+    seq: int,
+    *overrides: str,
+    tp: int = 1,
+    sp: bool = False,
+    cp: int = 1,
+    ulysses: int = 1,
+):
+    """:func:`tiny_config` on a parallel layout: ``parallel.tp/sp/cp/ulysses`` from the keywords,
+    then ``overrides`` (which win)."""
+    layout = {"tp": tp, "sp": str(sp).lower(), "cp": cp, "ulysses": ulysses}
+    return tiny_config(kind, seq, *(f"parallel.{k}={v}" for k, v in layout.items()), *overrides)
+
+
 def random_batch(seq: int, vocab: int, batch: int = 2, seed: int = 0):
     """``(tokens, labels, positions)`` ``[batch, seq]``; labels are the tokens shifted by one."""
     g = torch.Generator().manual_seed(seed)
