@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 # `make test-fast`: unit and numerics tests only, under 5 minutes on 2 cores, for the edit-test
 # loop. It leaves out these markers (pyproject.toml, [tool.pytest.ini_options]): integration
 # (starts the trainer, a CLI or a script in child processes), slow (over ~15 s), slurm, gpu and
-# kernel_variant (kernel variants that `auto` does not pick; the default path stays in).
+# kernel_variant (the kernel along paths its shapes do not pick; every path training takes is in).
 FAST_TESTS := not integration and not slow and not slurm and not gpu and not kernel_variant
 
 test: install

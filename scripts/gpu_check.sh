@@ -117,7 +117,7 @@ if has tests; then
   say "pytest: kernel tests on CUDA + gpu-marked tests (two processes)"
   read -r -a sel <<< "${GPU_CHECK_PYTEST_ARGS:-tests/test_triton_apply.py tests/test_parallel_gpu.py}"
   run_pytest() {
-    FOPE_TRITON_AUTOTUNE=0 timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$P" -m pytest -q \
+    timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$P" -m pytest -q \
       -p no:cacheprovider -m "not slurm and $1" "${sel[@]}" > "$2" 2>&1
   }
   run_pytest "not kernel_variant" "$out/pytest.log" &

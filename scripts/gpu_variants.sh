@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Time the fused kernel's variants beside the RoPEs, test them on CUDA and profile them, in ONE
-# call of a lent GPU (issue 9), inside a time budget:
+# Time the fused kernel along its paths beside the RoPEs, test them on CUDA and profile them, in
+# ONE call of a lent GPU, inside a time budget:
 #
 #   scripts/gpu_variants.sh OUT [--budget SECONDS] [--device cuda|cpu] [--seq N] [--jobs N]
 #                          [--fope M1,M2..] [--rope M1,..] [--test-env "VAR=v VAR2=v"]
@@ -9,13 +9,11 @@
 #    for the node's python3, which keeps its CUDA torch and triton; this tree on PYTHONPATH;
 # 2. every method's Triton kernels compiled in parallel processes (`--jobs`, one per method and
 #    FoPE floor L), which fills Triton's on-disk cache, while the kernel and fused-model tests
-#    run on CUDA with --test-env (e.g. the variant meant to become the default): the timed run
-#    after it then only autotunes (no compile in the timing process);
+#    run on CUDA with --test-env (e.g. TRITON_PRINT_AUTOTUNING=1): the timed run after it then
+#    only autotunes (no compile in the timing process);
 # 3. the benchmark suite at L=4096 for every method, one process, nothing else on the GPU;
 # 4. as time allows: the suite at 2*seq and at L=512 (the floor of the earlier GPU numbers) for
 #    the default, the fastest FoPE variant and the RoPEs; profile_apply of the same.
-# A variant with every KV group in one program (*_grouped) takes minutes to compile (the
-# 8-group unroll): leave it out of a timed call.
 # Every step gets min(its own limit, what is left of --budget); whatever ran is in OUT (log.txt,
 # and results.tgz with every file). --device cpu runs the same steps under TRITON_INTERPRET=1 at
 # tiny shapes with the CPU venv (a check of the script, no timing).
@@ -29,9 +27,9 @@ budget=420
 device=cuda
 seq=4096
 jobs=16
-fope=fope_fused,fope_fused_dot,fope_fused_narrow,fope_fused_tile,fope_fused_narrow_tile
+fope=fope_fused,fope_fused_dot,fope_fused_tile,fope_fused_narrow_tf32x3
 rope=rope_fused,rope_fused_each,rope_liger
-test_env=""  # e.g. "FOPE_TRITON_MIX=dot_narrow FOPE_TRITON_HEADS=tile": a candidate default
+test_env=""  # e.g. "TRITON_PRINT_AUTOTUNING=1"
 while [ $# -gt 0 ]; do
   [[ "$1" == --* && $# -lt 2 ]] && { echo "error: $1 needs a value" >&2; exit 2; }
   case "$1" in
@@ -53,7 +51,8 @@ case "$device" in cuda|cpu) ;; *) echo "error: --device $device: allowed cuda, c
 long_l=4096
 short_l=512
 repeats=(--repeats 30 --warmup 5)
-# three pytest processes side by side (each compiles its own cases)
+# three pytest processes side by side (each compiles its own cases; the kernel tests one
+# autotune config per case)
 tests_a=(tests/test_triton_apply.py -m "not slurm and not kernel_variant")
 tests_b=(tests/test_triton_apply.py -m "not slurm and kernel_variant")
 tests_c=(tests/test_fused_model.py -m "not slurm")
@@ -64,8 +63,8 @@ if [ "$device" = cpu ]; then
   short_l=8
   repeats=(--repeats 1 --warmup 0)
   tests_a=(tests/test_triton_apply.py -k "fused_equals_torch_float32 and mha")
-  tests_b=(tests/test_triton_apply.py -k "head_tile_equals_torch and mqa")
-  tests_c=(tests/test_triton_apply.py -k "rope_tile_and_group_block")
+  tests_b=(tests/test_triton_apply.py -k "forced_paths_equal_torch and gqa")
+  tests_c=(tests/test_triton_apply.py -k "rope_forced_paths")
 else
   P=${GPU_PY:-python3}
 fi
@@ -133,7 +132,7 @@ for part in a b c; do
       b) sel=("${tests_b[@]}") ;;
       *) sel=("${tests_c[@]}") ;;
     esac
-    env ${test_env:+$test_env} FOPE_TRITON_AUTOTUNE=0 timeout "$wl" "$P" -m pytest -q -p no:cacheprovider \
+    env ${test_env:+$test_env} timeout "$wl" "$P" -m pytest -q -p no:cacheprovider \
       "${sel[@]}" > "$work/pytest_cuda_$part.txt" 2>&1
     echo "pytest exit $? (env: $test_env)" >> "$work/pytest_cuda_$part.txt"
   ) &

@@ -50,14 +50,14 @@ def test_profile_apply_lists_the_fused_kernels(capsys):
     from fope_megatron.bench.profile_apply import main as profile_main
 
     assert profile_main(["--device", "cpu", "--seq", "16", "--iters", "1",
-                         "--methods", "fope_fused,fope_fused_narrow"]) == 0  # fmt: skip
+                         "--methods", "fope_fused,fope_fused_narrow_tf32x3"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("_FusedFoPEBackward") >= 2
-    assert "## fope_fused_narrow, s=16" in out and "## autotune choices" in out
+    assert "## fope_fused_narrow_tf32x3, s=16" in out and "## autotune choices" in out
 
 
 def test_suite_times_the_kernel_variants_only_when_asked():
-    """The suite's default methods leave out the table-mixing variants (slow to autotune, and
+    """The suite's default methods leave out the kernel along named paths (slow to autotune, and
     the GPU check must fit one call); ``variants=True`` (or naming them) brings them in."""
     import torch
 
@@ -69,30 +69,30 @@ def test_suite_times_the_kernel_variants_only_when_asked():
     assert "fope_fused" in available_methods(cpu)
 
 
-def test_suite_grouped_variants_run_and_match_their_defaults():
-    """The ``*_grouped`` methods (every KV group in one program) and the ``*_tile`` ones (a
-    group's heads as one tile) run in the suite, are compared with the best RoPE like the
-    default kernel, and give the default's outputs."""
+def test_suite_path_variants_run_and_match_their_defaults():
+    """The kernel along named paths (``*_dot``, ``*_each``: one head at a time; ``*_tile``: a
+    group's heads as one tile) runs in the suite, is compared with the best RoPE like the
+    default kernel, and gives the default's outputs."""
     import torch
 
     from fope_megatron.bench.methods import build_step
     from fope_megatron.bench.suite import format_suite, run_suite
 
     cpu = torch.device("cpu")
-    names = ["fope_fused", "fope_fused_grouped", "fope_fused_tile", "rope_fused",
-             "rope_fused_grouped", "rope_fused_tile"]  # fmt: skip
+    names = ["fope_fused", "fope_fused_dot", "fope_fused_tile", "rope_fused",
+             "rope_fused_each", "rope_fused_tile"]  # fmt: skip
     doc = run_suite(cpu, seqs=[16], methods=names, dtype=torch.float32, train_seq_len=16,
                     repeats=1, warmup=0, heads=4, groups=2, head_dim=32, copy_bytes=2**20)  # fmt: skip
     row = doc["results"][0]
-    assert set(row["over_best_rope"]) == {"fope_fused", "fope_fused_grouped", "fope_fused_tile"}
-    assert row["best_fused_rope"] in ("rope_fused", "rope_fused_grouped", "rope_fused_tile")
+    assert set(row["over_best_rope"]) == {"fope_fused", "fope_fused_dot", "fope_fused_tile"}
+    assert row["best_fused_rope"] in ("rope_fused", "rope_fused_each", "rope_fused_tile")
     assert "variants / " in format_suite(doc)
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(16, 1, 4, 32, generator=gen), torch.randn(16, 1, 2, 32, generator=gen)
-    for name in ("fope_fused", "rope_fused"):
+    for name, variants in (("fope_fused", ("_dot", "_tile")), ("rope_fused", ("_each", "_tile"))):
         torch.manual_seed(0)  # the same FoPE coefficients for both builds
         base = build_step(name, 16, 4, 2, 32, 16, cpu)[0](q, k)
-        for variant in ("_grouped", "_tile"):
+        for variant in variants:
             torch.manual_seed(0)
             other = build_step(name + variant, 16, 4, 2, 32, 16, cpu)[0](q, k)
             for a, b in zip(base, other, strict=True):

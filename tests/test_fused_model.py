@@ -35,7 +35,7 @@ def _logits_and_grads(rank, world, kind, fusion, extra):
     grads = {
         n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None
     }
-    return attn.position.fusion, logits.detach().cpu(), grads
+    return attn.position.fusion, logits.detach().cpu(), grads, attn.kernel_path()
 
 
 @pytest.mark.slow
@@ -52,6 +52,9 @@ def test_model_triton_equals_torch(kind, extra):
     fused = run_distributed(_logits_and_grads, 1, kind, "triton", extra)[0]
     ref = run_distributed(_logits_and_grads, 1, kind, "torch", extra)[0]
     assert fused[0] == "triton" and ref[0] == "torch"
+    # head_dim 16: the table product over all pairs; at most 4 query heads per group: one tile
+    assert str(fused[3]) == "table product fp32 over all pairs, a group's heads as one tile"
+    assert ref[3] is None
     assert (fused[1] - ref[1]).abs().max().item() <= 1e-5
     assert sorted(fused[2]) == sorted(ref[2])
     if "fope.learnable=true" in extra:
@@ -63,13 +66,15 @@ def test_model_triton_equals_torch(kind, extra):
 
 @pytest.mark.integration
 def test_trainer_records_fusion_and_matches_torch(tmp_path, corpus):
-    """A 3-step run with position.fusion=triton logs the choice, writes it into config.yaml, and
-    gives the torch run's losses and grad norms."""
+    """A 3-step run with position.fusion=triton logs the choice and the kernel's path, writes the
+    choice into config.yaml, and gives the torch run's losses and grad norms."""
     common = [f"data.path=[{corpus}]", "train.steps=3", *TINY_ARGS]
     res = {}
     for fusion in ("triton", "torch"):
         run = tmp_path / fusion
-        launch.train(run, [*common, f"position.fusion={fusion}"], launcher="python", nproc=1)
+        proc = launch.train(run, [*common, f"position.fusion={fusion}"], launcher="python", nproc=1)
+        logged = "position kernel (triton, from the shapes): table product" in proc.stderr
+        assert logged == (fusion == "triton"), proc.stderr[-3000:]
         head = (run / "config.yaml").read_text().splitlines()[0]
         assert head.startswith("# resolved at start: position.fusion: ")
         assert f"-> {fusion} (fope" in head

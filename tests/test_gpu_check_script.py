@@ -105,7 +105,7 @@ def test_tests_step_runs_two_pytest_processes(tmp_path):
     out = tmp_path / "out"
     sel = " ".join(
         f"tests/test_triton_apply.py::{t}"
-        for t in ("test_bad_inputs_named_errors", "test_rope_tile_and_group_block_equal_torch_rope")
+        for t in ("test_bad_inputs_named_errors", "test_rope_forced_paths_equal_torch_rope")
     )
     proc = run(
         ["--allow-cpu", "--only", "tests", "--out", str(out)],

@@ -17,17 +17,27 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from fope_megatron.fope import FoPEConfig, FourierPositionEmbedding, RotaryEmbeddingTables  # noqa: E402
+from fope_megatron.fope import triton_kernel as tk  # noqa: E402
 from fope_megatron.fope.math import apply_tables  # noqa: E402
 from fope_megatron.fope.triton_apply import (  # noqa: E402
+    KernelPath,
     fope_apply_qk,
     interpreted,
-    resolve_heads,
-    resolve_mix,
+    kernel_path,
     rope_apply_qk,
 )
 from fope_megatron.parallel.positions import cp_chunk_positions, packed_positions  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_ONE_CONFIG_TUNER = tk.autotuned([tk.ONE_CONFIG])
+
+
+@pytest.fixture(autouse=True)
+def _one_autotune_config(monkeypatch):
+    """On CUDA every case compiles one config, not one per autotune config (the interpreter has
+    only one anyway)."""
+    if DEVICE.type == "cuda":
+        monkeypatch.setattr(tk, "_fope_qk_tuned", _ONE_CONFIG_TUNER)
 
 
 def _fope(heads=4, groups=2, d=32, L=24, **kw) -> FourierPositionEmbedding:
@@ -68,7 +78,8 @@ def _maxdiff(a, b):
 
 
 CASES = {
-    # name: (heads, groups, d, L, FoPEConfig extras)
+    # name: (heads, groups, d, L, FoPEConfig extras). head_dim 32: the table product over all
+    # pairs; 64: over the Fourier columns only. Up to 8 query heads per group: heads as a tile.
     "mha": (4, 4, 32, 24, {}),
     "gqa": (4, 2, 32, 24, {}),
     "mqa": (4, 1, 32, 24, {}),
@@ -77,7 +88,27 @@ CASES = {
     "zero_freq_sin_0": (4, 2, 32, 24, {"zero_freq_sin": 0.0}),
     "d_out_eq_half": (4, 2, 16, 4096, {"floor_ratio": 0.0, "d_out": 8}),
     "d_out_lt_half_odd_dims": (6, 3, 24, 40, {}),
+    "d64": (4, 2, 64, 24, {}),
+    "d64_interleaved": (4, 2, 64, 24, {"interleaved": True}),
+    "mqa_12_heads": (12, 1, 32, 24, {}),
+    "d64_mqa_12_heads": (12, 1, 64, 24, {}),
 }
+
+
+def _path_of(name: str) -> KernelPath:
+    heads, groups, d, L, extra = CASES[name]
+    fope = _fope(heads, groups, d, L, **extra)
+    return kernel_path(fope.d_out, fope.config.rotary_dim, heads // groups)
+
+
+def test_cases_cover_every_path_training_can_take():
+    """Both table products and both head modes (all four combinations) are among CASES, so the
+    tests below run every path ``kernel_path`` picks; the trainable-coefficient and RoPE tests
+    take both products / both head modes too."""
+    paths = {_path_of(name) for name in CASES}
+    assert paths == {KernelPath(n, t) for n in (False, True) for t in (False, True)}
+    assert _path_of("d64") == KernelPath(narrow=True, tile=True)
+    assert _path_of("mqa_12_heads") == KernelPath(narrow=False, tile=False)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -167,10 +198,14 @@ def test_tp_slice_of_groups():
     assert _maxdiff(c_full[:, 2:4], c_half) <= 1e-6
 
 
-def test_learnable_coefficient_gradients():
-    fope = _fope(4, 2, 32, 24, learnable=True)
+@pytest.mark.parametrize("d", [32, 64])
+def test_learnable_coefficient_gradients(d):
+    """Trainable coefficients (the coefficient-gradient backward), with the table product over
+    all pairs (head_dim 32) and over the Fourier columns only (64)."""
+    fope = _fope(4, 2, d, 24, learnable=True)
     assert isinstance(fope.coef_cos, torch.nn.Parameter)
-    q, k = _qk(45, 2, 4, 2, 32)
+    assert kernel_path(fope.d_out, d, 2).narrow == (d == 64)
+    q, k = _qk(45, 2, 4, 2, d)
     pos = torch.arange(45, device=DEVICE) + 3
     grads = {}
     scale = 1.0 / q.numel() ** 0.5  # gradients of order 1, so 1e-5 is a float32-level bound
@@ -195,10 +230,12 @@ def test_learnable_coefficient_gradients():
     assert torch.equal(fope.coef_cos.grad, grads["triton"][2])
 
 
-def test_rope_limit_equals_torch_rope():
+@pytest.mark.parametrize("heads, groups", [(8, 2), (12, 1)])  # heads as a tile / one at a time
+def test_rope_limit_equals_torch_rope(heads, groups):
+    assert kernel_path(None, 32, heads // groups) == KernelPath(False, heads // groups <= 8)
     for interleaved in (False, True):
         rope = RotaryEmbeddingTables(32, 10000.0, interleaved).to(DEVICE)
-        q, k = _qk(30, 2, 8, 2, 32)
+        q, k = _qk(30, 2, heads, groups, 32)
         pos = torch.arange(30, device=DEVICE) * 37
         res = {}
         for fusion in ("triton", "torch"):
@@ -279,40 +316,57 @@ def test_interpreter_or_cuda():
     assert DEVICE.type == "cuda" or interpreted()
 
 
-# head_dim 64: the Fourier columns fill half the pairs' tile, so ``dot_narrow`` really narrows
-VARIANT_CASES = {
-    **{n: CASES[n] for n in ("gqa", "interleaved", "d_out_eq_half", "rotary_percent_0.5")},
-    "d64": (4, 2, 64, 24, {}),
-    "d64_interleaved": (4, 2, 64, 24, {"interleaved": True}),
-}
+def test_kernel_path_picks_the_measured_fastest():
+    """``kernel_path``: the Fourier-column product as 3xTF32 where those columns fill half the
+    pairs (D_out 17-32 of 64: head_dim 128 at L 512 and 4096), else the fp32 product over all
+    pairs; one tile up to 8 query heads per group. The model's path is exactly that one."""
+    assert kernel_path(32, 128, 4) == kernel_path(17, 128, 4) == KernelPath(True, True)
+    assert kernel_path(33, 128, 4) == kernel_path(16, 128, 4) == KernelPath(False, True)
+    assert kernel_path(8, 32, 4) == KernelPath(False, True)  # 16 pairs: nothing narrower than 16
+    assert kernel_path(32, 128, 8).tile and not kernel_path(32, 128, 9).tile
+    assert kernel_path(None, 128, 4) == KernelPath(False, True)  # RoPE: no product
+    assert str(KernelPath(True, True)) == (
+        "table product 3xTF32 over the Fourier columns, a group's heads as one tile"
+    )
+    fope = _fope(4, 2, 64, 24)
+    q, k = _qk(23, 2, 4, 2, 64)
+    pos = torch.arange(23, device=DEVICE) * 5 + 40
+    a_cos, a_sin = fope._local(1, None)
+    w = fope.frequencies[: fope.d_in]
+    with torch.no_grad():
+        model = fope.apply_qk(q, k, pos, 1, fusion="triton")
+        named = fope_apply_qk(q, k, pos, w, a_cos, a_sin, 64, path=KernelPath(True, True))
+    assert torch.equal(model[0], named[0]) and torch.equal(model[1], named[1])
 
 
-@pytest.mark.kernel_variant
-@pytest.mark.parametrize("mix", ["loop", "dot_tf32x3", "dot_narrow", "dot_narrow_tf32x3"])
-@pytest.mark.parametrize("name", sorted(VARIANT_CASES))
-def test_mixing_variants_equal_torch(name, mix):
-    """``mix='loop'`` (tables one frequency at a time), ``'dot_tf32x3'`` (the table product on
-    tensor cores) and ``'dot_narrow'`` (the product over the Fourier columns only, then widened;
-    the default is the IEEE fp32 ``dot`` over all pairs) equal the torch path in outputs, q/k
-    gradients and, trainable, coefficient gradients."""
-    heads, groups, d, L, extra = VARIANT_CASES[name]
-    fope = _fope(heads, groups, d, L, learnable=True, **extra)
-    cfg = fope.config
-    if name.startswith("d64"):  # the narrow branch's condition: 2 x pow2(D_out) = d_r / 2
-        assert 2 * max(16, triton.next_power_of_2(fope.d_out)) == cfg.rotary_dim // 2
-    q, k = _qk(37, 2, heads, groups, d)
-    pos = torch.arange(37, device=DEVICE) + 700
-    res = _layer1_kernel_and_torch(fope, q, k, pos, {mix: dict(mix=mix)})
-    for a, b in zip(res[mix], res["torch"], strict=True):
-        assert _maxdiff(a, b) <= 1e-5
+def test_narrow_path_where_it_cannot_run_is_a_clear_error():
+    """A named path is checked against the shapes before any launch."""
+    fope = _fope(4, 2, 32, 24)  # 16 pairs: the narrow product does not fit
+    q, k = _qk(16, 1, 4, 2, 32)
+    pos = torch.arange(16, device=DEVICE)
+    a_cos, a_sin = fope._local(0, None)
+    w = fope.frequencies[: fope.d_in]
+    narrow = KernelPath(narrow=True, tile=True)
+    with pytest.raises(ValueError, match="narrow product needs the Fourier columns"):
+        fope_apply_qk(q, k, pos, w, a_cos, a_sin, 32, path=narrow)
+    with pytest.raises(ValueError, match="RoPE has no product"):
+        rope_apply_qk(q, k, pos, RotaryEmbeddingTables(32).frequencies.to(DEVICE), 32, path=narrow)
 
 
-def _layer1_kernel_and_torch(fope, q, k, pos, ways: dict) -> dict:
+def _forced_paths(fope, q_heads_per_group: int) -> list[KernelPath]:
+    """Every path these shapes can take (the narrow product only where it fits) but the one
+    ``kernel_path`` picks."""
+    auto = kernel_path(fope.d_out, fope.config.rotary_dim, q_heads_per_group)
+    every = [KernelPath(n, t) for n in (False, auto.narrow) for t in (False, True)]
+    return [p for p in dict.fromkeys(every) if p != auto]
+
+
+def _layer1_kernel_and_torch(fope, q, k, pos, paths) -> dict:
     """Layer 1's outputs and gradients (q, k and, when trainable, the coefficients) through the
-    torch path and through ``fope_apply_qk`` with each of ``ways``' keyword arguments."""
+    torch path and through ``fope_apply_qk`` along each of ``paths``."""
     cfg = fope.config
     res = {}
-    for way in ("torch", *ways):
+    for way in ("torch", *paths):
         fope.zero_grad(set_to_none=True)
         q.grad = k.grad = None
         if way == "torch":
@@ -322,7 +376,7 @@ def _layer1_kernel_and_torch(fope, q, k, pos, ways: dict) -> dict:
             w = fope.frequencies[: fope.d_in]
             oq, ok = fope_apply_qk(
                 q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin, cfg.interleaved,
-                **ways[way],
+                path=way,
             )  # fmt: skip
         (((oq * oq).sum() + ok.sum()) / q.numel() ** 0.5).backward()
         grads = (fope.coef_cos.grad, fope.coef_sin.grad) if cfg.learnable else ()
@@ -330,137 +384,56 @@ def _layer1_kernel_and_torch(fope, q, k, pos, ways: dict) -> dict:
     return res
 
 
-def test_unknown_mix_is_a_clear_error(monkeypatch):
-    """A bad ``FOPE_TRITON_MIX`` names the variable and the allowed values before any launch."""
-    fope = _fope(8, 2, 32, 64)
-    q, k = _qk(16, 1, 8, 2, 32)
-    a_cos, a_sin = fope._local(0, None)
-    w = fope.frequencies[: fope.d_in]
-    monkeypatch.setenv("FOPE_TRITON_MIX", "fast")
-    with pytest.raises(ValueError, match="FOPE_TRITON_MIX.*dot_tf32x3"):
-        fope_apply_qk(q, k, torch.arange(16, device=DEVICE), w, a_cos, a_sin, 32)
+VARIANT_CASES = ("gqa", "interleaved", "d_out_eq_half", "rotary_percent_0.5", "d64", "mqa_12_heads")
 
 
 @pytest.mark.kernel_variant
-@pytest.mark.parametrize("mix", ["dot", "dot_narrow", "loop"])
-def test_group_block_equals_one_group_per_program(mix, monkeypatch):
-    """``group_block`` > 1 (a program's groups share the angles' cos/sin) gives the torch path's
-    outputs and q/k gradients (frozen coefficients: backward runs grouped too); trainable, the
-    forward is grouped and the coefficient gradients still equal torch's."""
-    heads, groups, d = 8, 4, 64
-    for learnable in (False, True):
-        fope = _fope(heads, groups, d, 24, learnable=learnable)
-        cfg = fope.config
-        q, k = _qk(21, 2, heads, groups, d)
-        pos = torch.arange(21, device=DEVICE) * 3 + 5
-        ways = {gb: dict(mix=mix, group_block=gb) for gb in (2, 4)}
-        res = _layer1_kernel_and_torch(fope, q, k, pos, ways)
-        for way in (2, 4):
-            for a, b in zip(res[way], res["torch"], strict=True):
-                assert _maxdiff(a, b) <= 1e-5
-    # the environment variable, and a value that does not divide the groups
-    monkeypatch.setenv("FOPE_TRITON_GROUP_BLOCK", "4")
-    a_cos, a_sin = fope._local(1, None)
-    w = fope.frequencies[: fope.d_in]
-    env = fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, mix=mix)
-    assert _maxdiff(env[0], res[4][0]) == 0.0
-    monkeypatch.setenv("FOPE_TRITON_GROUP_BLOCK", "3")
-    with pytest.raises(ValueError, match=r"FOPE_TRITON_GROUP_BLOCK=3 .*4 groups.*\[1, 2, 4\]"):
-        fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, mix=mix)
-
-
-@pytest.mark.kernel_variant
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_head_tile_equals_torch(name, monkeypatch):
-    """``heads='tile'`` (a group's heads as one tile per half, batch row 0 loaded before the
-    tables) equals the torch path in outputs and q/k gradients for every layout case, with one
-    group and with all groups per program, frozen (backward tiled too) and trainable (the
-    coefficient-gradient backward goes head by head); ``$FOPE_TRITON_HEADS`` selects it. So does
-    ``heads='each'`` (one head at a time), which ``auto`` picks above 8 query heads per group."""
+@pytest.mark.parametrize("name", VARIANT_CASES)
+def test_forced_paths_equal_torch(name):
+    """Every path named at shapes where ``kernel_path`` picks another (as the benchmark's
+    variants do: e.g. the product over all pairs where the narrow one fits, one head at a time
+    up to 8 heads per group, a tile above) equals the torch path in outputs and q/k gradients,
+    frozen (backward along the same path) and trainable (coefficient gradients too)."""
     heads, groups, d, L, extra = CASES[name]
     q, k = _qk(19, 2, heads, groups, d)
     pos = torch.arange(19, device=DEVICE) * 7 + 300
     for learnable in (False, True):
         fope = _fope(heads, groups, d, L, learnable=learnable, **extra)
-        ways = {
-            "dot": dict(mix="dot", heads="tile"),
-            "each": dict(mix="dot", heads="each"),
-            "loop_all_groups": dict(mix="loop", group_block=groups, heads="tile"),
-        }
-        res = _layer1_kernel_and_torch(fope, q, k, pos, ways)
-        for way in ways:
+        paths = _forced_paths(fope, heads // groups)
+        assert len(paths) == (3 if name == "d64" else 1)
+        res = _layer1_kernel_and_torch(fope, q, k, pos, paths)
+        for way in paths:
             for a, b in zip(res[way], res["torch"], strict=True):
                 assert _maxdiff(a, b) <= 1e-5, (way, learnable)
-    cfg = fope.config
-    a_cos, a_sin = fope._local(1, None)
-    w = fope.frequencies[: fope.d_in]
-    monkeypatch.setenv("FOPE_TRITON_HEADS", "tile")
-    env = fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim, cfg.zero_freq_sin,
-                        cfg.interleaved, mix="dot")  # fmt: skip
-    assert _maxdiff(env[0], res["dot"][0]) == 0.0 and _maxdiff(env[1], res["dot"][1]) == 0.0
-    monkeypatch.setenv("FOPE_TRITON_HEADS", "rows")
-    with pytest.raises(ValueError, match=r"FOPE_TRITON_HEADS='rows' unknown; allowed: \('auto'"):
-        fope_apply_qk(q, k, pos, w, a_cos, a_sin, cfg.rotary_dim)
 
 
 @pytest.mark.kernel_variant
-def test_rope_tile_and_group_block_equal_torch_rope():
-    """The RoPE limit head by head with all key heads sharing one program's tables
-    (``group_block``), and with ``heads='tile'``, one key head and all key heads per program."""
+def test_rope_forced_paths_equal_torch_rope():
+    """The RoPE limit one head at a time where ``kernel_path`` tiles (4 query heads per key
+    head) and as one tile where it goes head by head (12)."""
     rope = RotaryEmbeddingTables(32).to(DEVICE)
-    q, k = _qk(19, 2, 8, 4, 32)
-    pos = torch.arange(19, device=DEVICE) * 13
-    ways = {"each_4": ("each", 4), "tile_1": ("tile", 1), "tile_4": ("tile", 4)}
-    res = {}
-    for way in ("torch", *ways):
-        q.grad = k.grad = None
-        if way == "torch":
-            oq, ok = rope.apply_qk(q, k, pos, fusion="torch")
-        else:
-            hw, gb = ways[way]
-            oq, ok = rope_apply_qk(q, k, pos, rope.frequencies, 32, group_block=gb, heads=hw)
-        (oq.sum() + (ok * ok).sum()).backward()
-        res[way] = (oq.detach(), ok.detach(), q.grad.clone(), k.grad.clone())
-    for way in ways:
-        for a, b in zip(res[way], res["torch"], strict=True):
-            assert _maxdiff(a, b) <= 1e-5, way
-
-
-def test_auto_defaults_pick_the_measured_variants(monkeypatch):
-    """``mix='auto'``: the Fourier-column product as 3xTF32 where those columns fill half the
-    pairs (D_out 17-32 of 64: the issue's head_dim 128 at L 512 and 4096), else the fp32 product
-    over all pairs; ``heads='auto'``: one tile up to 8 query heads per group. The default path
-    (model and kernel) is exactly that variant, and equals the torch path."""
-    assert resolve_mix(None, 32, 128) == resolve_mix(None, 17, 128) == "dot_narrow_tf32x3"
-    assert resolve_mix(None, 33, 128) == resolve_mix(None, 16, 128) == "dot"
-    assert resolve_mix(None, 8, 32) == "dot"  # 16 pairs: no narrower dot than 16 columns
-    assert resolve_mix("loop", 32, 128) == "loop"
-    assert resolve_heads(None, 4) == resolve_heads(None, 8) == "tile"
-    assert resolve_heads(None, 16) == "each" and resolve_heads("tile", 16) == "tile"
-    monkeypatch.setenv("FOPE_TRITON_MIX", "dot")
-    monkeypatch.setenv("FOPE_TRITON_HEADS", "each")
-    assert resolve_mix(None, 32, 128) == "dot" and resolve_heads(None, 4) == "each"
-    monkeypatch.delenv("FOPE_TRITON_MIX")
-    monkeypatch.delenv("FOPE_TRITON_HEADS")
-    fope = _fope(4, 2, 64, 24)  # 32 pairs, D_out = 5: narrow (16 of 32 padded columns)
-    assert resolve_mix(None, fope.d_out, fope.config.rotary_dim) == "dot_narrow_tf32x3"
-    q, k = _qk(23, 2, 4, 2, 64)
-    pos = torch.arange(23, device=DEVICE) * 5 + 40
-    fused, ref = _both(fope, q, k, pos)
-    for a, b in zip(fused, ref, strict=True):
-        assert _maxdiff(a, b) <= 1e-5
-    a_cos, a_sin = fope._local(1, None)
-    w = fope.frequencies[: fope.d_in]
-    explicit = fope_apply_qk(q, k, pos, w, a_cos, a_sin, 64, mix="dot_narrow_tf32x3", heads="tile")
-    assert torch.equal(explicit[0], fused[0]) and torch.equal(explicit[1], fused[1])
+    for heads, groups, tile in ((8, 2, False), (12, 1, True)):
+        assert kernel_path(None, 32, heads // groups).tile != tile
+        q, k = _qk(19, 2, heads, groups, 32)
+        pos = torch.arange(19, device=DEVICE) * 13
+        res = {}
+        for way in ("torch", "forced"):
+            q.grad = k.grad = None
+            if way == "torch":
+                oq, ok = rope.apply_qk(q, k, pos, fusion="torch")
+            else:
+                path = KernelPath(narrow=False, tile=tile)
+                oq, ok = rope_apply_qk(q, k, pos, rope.frequencies, 32, path=path)
+            (oq.sum() + (ok * ok).sum()).backward()
+            res[way] = (oq.detach(), ok.detach(), q.grad.clone(), k.grad.clone())
+        for a, b in zip(res["forced"], res["torch"], strict=True):
+            assert _maxdiff(a, b) <= 1e-5, (heads, groups)
 
 
 @pytest.mark.kernel_variant
 def test_tile_launches_prune_the_large_blocks():
     """The autotuner's early prune keeps every config for head-by-head launches and only blocks
     up to TILE_MAX_BLOCK for tile launches (never an empty list)."""
-    from fope_megatron.fope import triton_kernel as tk
-
     every = [triton.Config({"BLOCK_S": bs}, num_warps=nw) for bs, nw in tk.CONFIGS]
     assert tk.prune_configs(every, {}, HEAD_TILE=False, ROPE=False) == every
     tile = tk.prune_configs(every, {}, HEAD_TILE=True, ROPE=False)
@@ -470,7 +443,7 @@ def test_tile_launches_prune_the_large_blocks():
     assert len(tile) == 5 and max(c.kwargs["BLOCK_S"] for c in tile) == 32
     big = [triton.Config({"BLOCK_S": 64}, num_warps=4)]
     assert tk.prune_configs(big, {}, HEAD_TILE=True) == big
-    assert tk._fope_qk_tuned.early_config_prune is tk.prune_configs
+    assert tk.autotuned(every).early_config_prune is tk.prune_configs
 
 
 @pytest.mark.kernel_variant
@@ -478,25 +451,15 @@ def test_autotuner_calls_the_prune_with_head_tile(monkeypatch):
     """Through triton's own Autotuner: with a 16- and a 64-position config, a tile launch is
     pruned to the 16 one (a single config: no timing, so this runs under the interpreter too) and
     gives the torch path's result."""
-    from fope_megatron.fope import triton_apply as ta
-    from fope_megatron.fope import triton_kernel as tk
-
-    tuner = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_S": 16}, num_warps=4),
-            triton.Config({"BLOCK_S": 64}, num_warps=4),
-        ],
-        key=list(tk._fope_qk_tuned.keys),
-        prune_configs_by={"early_config_prune": tk.prune_configs},
-    )(tk._fope_qk_kernel)
-    monkeypatch.setattr(ta, "_fope_qk_tuned", tuner)
+    tuner = tk.autotuned([tk.ONE_CONFIG, triton.Config({"BLOCK_S": 64}, num_warps=4)])
+    monkeypatch.setattr(tk, "_fope_qk_tuned", tuner)
     fope = _fope(4, 2, 32, 24)
     q, k = _qk(20, 1, 4, 2, 32)
     pos = torch.arange(20, device=DEVICE)
     a_cos, a_sin = fope._local(0, None)
     w = fope.frequencies[: fope.d_in]
     with torch.no_grad():
-        oq, ok = fope_apply_qk(q, k, pos, w, a_cos, a_sin, 32, heads="tile")
+        oq, ok = fope_apply_qk(q, k, pos, w, a_cos, a_sin, 32, path=KernelPath(False, True))
         rq, rk = fope.apply_qk(q, k, pos, 0, fusion="torch")
     assert [c.kwargs["BLOCK_S"] for c in tuner.cache.values()] == [16]
     assert _maxdiff(oq, rq) <= 1e-5 and _maxdiff(ok, rk) <= 1e-5

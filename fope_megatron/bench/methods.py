@@ -6,24 +6,19 @@ Per-model precomputation that a real model does once per forward (RoPE's frequen
 the layer's coefficients, megatron's ``cos()``/``sin()`` of the frequencies) is timed.
 
 Methods (``available_methods`` says which run here):
-- ``fope_fused``: our Triton kernel, q and k in one launch (CUDA, or the CPU interpreter), with
-  its defaults (``mix='auto'``, ``heads='auto'``: at these shapes the Fourier-column product as
-  3xTF32, a group's heads as one tile).
-- ``fope_fused_dot``: an IEEE fp32 ``tl.dot`` over all pairs (``mix='dot'``), one head at a
-  time (``heads='each'``).
-- ``fope_fused_loop``: the same kernel forming its tables one frequency at a time (``mix='loop'``).
-- ``fope_fused_tf32x3``: the same kernel with the table product on tensor cores (3xTF32).
-- ``fope_fused_narrow``: the same kernel multiplying only the Fourier columns (``dot_narrow``).
-- ``fope_fused_grouped`` / ``fope_fused_narrow_grouped``: ``dot`` / ``dot_narrow`` with every KV
-  group in one program (``group_block``: the angles' cos/sin computed once, not once per group).
-- ``fope_fused_tile`` / ``fope_fused_narrow_tile`` / ``fope_fused_grouped_tile``: the same with
-  ``heads='tile'`` (a group's heads as one tile, loaded before the tables are formed);
-  ``fope_fused_narrow_tf32x3_tile``: that with the narrow product as 3xTF32.
+- ``fope_fused``: our Triton kernel, q and k in one launch (CUDA, or the CPU interpreter), along
+  the path it picks from the shapes (``fope.triton_apply.kernel_path``: at these shapes the
+  Fourier-column product as 3xTF32, a group's heads as one tile).
+- The kernel along a named path (``KernelPath``), to compare its paths at the same shapes:
+  ``fope_fused_dot`` (the IEEE fp32 product over all pairs, one head at a time),
+  ``fope_fused_tile`` (that product, a group's heads as one tile), ``fope_fused_narrow_tf32x3``
+  (the 3xTF32 product over the Fourier columns only, one head at a time) and
+  ``fope_fused_narrow_tf32x3_tile`` (that, as one tile). Where the Fourier columns do not fill
+  half the padded pairs, the narrow ones take the product over all pairs.
 - ``fope_torch``: the torch reference path (float32 tables, then apply).
 - ``rope_fused``: the same Triton kernel in its RoPE limit.
-- ``rope_fused_grouped``: the same with every key head in one program (one cos/sin table).
-- ``rope_fused_tile`` / ``rope_fused_each``: the RoPE limit with ``heads='tile'`` (its default
-  at these shapes) / ``'each'``.
+- ``rope_fused_tile`` / ``rope_fused_each``: the RoPE limit with a group's heads as one tile (its
+  path at these shapes) / one head at a time.
 - ``rope_te``: transformer-engine's fused RoPE through megatron-core (q and k calls summed).
 - ``rope_liger``: Liger-Kernel's Triton RoPE (one launch for q and k, HF layout views).
 - ``rope_compile``: megatron's unfused RoPE formula under ``torch.compile``.
@@ -45,18 +40,11 @@ Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 METHODS = (
     "fope_fused",
     "fope_fused_dot",
-    "fope_fused_loop",
-    "fope_fused_tf32x3",
-    "fope_fused_narrow",
-    "fope_fused_grouped",
-    "fope_fused_narrow_grouped",
     "fope_fused_tile",
-    "fope_fused_narrow_tile",
-    "fope_fused_grouped_tile",
+    "fope_fused_narrow_tf32x3",
     "fope_fused_narrow_tf32x3_tile",
     "fope_torch",
     "rope_fused",
-    "rope_fused_grouped",
     "rope_fused_tile",
     "rope_fused_each",
     "rope_te",
@@ -73,27 +61,20 @@ def _quiet_import(name: str):
 
 
 VARIANTS = {
-    "fope_fused_dot": ("dot", 1, "each"),
-    "fope_fused_loop": ("loop", 1, "each"),
-    "fope_fused_tf32x3": ("dot_tf32x3", 1, "each"),
-    "fope_fused_narrow": ("dot_narrow", 1, "each"),
-    "fope_fused_grouped": ("dot", None, "each"),
-    "fope_fused_narrow_grouped": ("dot_narrow", None, "each"),
-    "fope_fused_tile": ("dot", 1, "tile"),
-    "fope_fused_narrow_tile": ("dot_narrow", 1, "tile"),
-    "fope_fused_grouped_tile": ("dot", None, "tile"),
-    "fope_fused_narrow_tf32x3_tile": ("dot_narrow_tf32x3", 1, "tile"),
-    "rope_fused_grouped": (None, None, "each"),
-    "rope_fused_tile": (None, 1, "tile"),
-    "rope_fused_each": (None, 1, "each"),
+    "fope_fused_dot": (False, False),
+    "fope_fused_tile": (False, True),
+    "fope_fused_narrow_tf32x3": (True, False),
+    "fope_fused_narrow_tf32x3_tile": (True, True),
+    "rope_fused_tile": (False, True),
+    "rope_fused_each": (False, False),
 }
-"""Variants of the fused kernel, ``(mix, group_block, heads)`` (group_block None: every group
-in one program), timed only when named."""
+"""The fused kernel along a named path, ``(narrow, tile)`` of ``KernelPath`` (narrow where the
+shapes allow it), timed only when named."""
 
 
 def available_methods(device: torch.device, variants: bool = False) -> list[str]:
-    """The methods that can run on ``device`` with what is installed (the kernel's table-mixing
-    variants only with ``variants``)."""
+    """The methods that can run on ``device`` with what is installed (the kernel along named
+    paths, :data:`VARIANTS`, only with ``variants``)."""
     from ..fope.fusion import interpreted, transformer_engine_available, triton_available
 
     cuda = device.type == "cuda"
@@ -147,17 +128,16 @@ def build_step(
         fusion = "torch" if name == "fope_torch" else "triton"
         fope_info = {"d_in": fope.d_in, "d_out": fope.d_out, "rotary_dim": cfg.rotary_dim}
         if name in VARIANTS:
-            from ..fope.triton_apply import fope_apply_qk
+            from ..fope.triton_apply import KernelPath, fope_apply_qk, narrow_fits
 
             a_cos, a_sin = fope.coef_cos[0], fope.coef_sin[0]
             w_in = fope.frequencies[: fope.d_in]
-            mix, gb, hw = VARIANTS[name]
-            gb = gb or groups
+            narrow, tile = VARIANTS[name]
+            path = KernelPath(narrow and narrow_fits(fope.d_out, cfg.rotary_dim), tile)
 
             def variant_step(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                 return fope_apply_qk(
-                    q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, mix=mix, group_block=gb,
-                    heads=hw,
+                    q, k, positions, w_in, a_cos, a_sin, cfg.rotary_dim, path=path
                 )  # fmt: skip
 
             return variant_step, fope_info
@@ -167,16 +147,14 @@ def build_step(
 
         return fope_step, fope_info
     info = {"rotary_dim": head_dim}
-    if name in VARIANTS:  # the RoPE limit's variants
-        from ..fope.triton_apply import rope_apply_qk
+    if name in VARIANTS:  # the RoPE limit along a named path
+        from ..fope.triton_apply import KernelPath, rope_apply_qk
 
         w = RotaryEmbeddingTables(head_dim).to(device).frequencies
-        _, gb, hw = VARIANTS[name]
+        rope_path = KernelPath(narrow=False, tile=VARIANTS[name][1])
 
         def variant_rope(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-            return rope_apply_qk(
-                q, k, positions, w, head_dim, group_block=gb or k.shape[2], heads=hw
-            )  # fmt: skip
+            return rope_apply_qk(q, k, positions, w, head_dim, path=rope_path)
 
         return variant_rope, info
     if name in ("rope_fused", "rope_te"):

@@ -50,9 +50,9 @@ def profile_method(
 
 
 def autotune_choices() -> list[str]:
-    from ..fope import triton_apply
+    from ..fope import triton_kernel
 
-    tuned = triton_apply._fope_qk_tuned
+    tuned = triton_kernel._fope_qk_tuned
     out = [
         f"{dict(zip(tuned.keys, key, strict=False))} -> {cfg}" for key, cfg in tuned.cache.items()
     ]

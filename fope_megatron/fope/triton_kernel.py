@@ -1,34 +1,36 @@
-"""The Triton kernel of fused FoPE (and RoPE) for q AND k in one launch, forward and backward
-(the Python side, launches and autograd, is :mod:`.triton_apply`).
+"""The Triton kernels of fused FoPE (and RoPE) for q AND k in one launch, forward and backward
+(the Python side, launches, autograd and the choice of path, is :mod:`.triton_apply`).
 
-One program covers a block of ``BLOCK_S`` positions and one KV group ``g`` (or ``GROUP_BLOCK``
-groups, which then share step 1's cos/sin and mix them per group):
+One program covers a block of ``BLOCK_S`` positions and one KV group ``g``:
 
 1. the ``D_in`` angles ``p * w_k`` of its positions are computed once (float32, the same rounded
    product as the torch path), reduced to ``[-pi, pi]`` (Cody-Waite, so large positions keep full
-   accuracy whatever ``sin``/``cos`` the backend emits), and mixed with the group's
-   ``[D_in, D_out]`` coefficients into ``C, S`` ``[BLOCK_S, d_r/2]`` in registers; pairs
-   ``j >= D_out`` are constants (``C = 1``, ``S = zero_freq_sin``);
+   accuracy whatever ``sin``/``cos`` the backend emits), and their cos/sin tile ``[BLOCK_S, D_in]``
+   is mixed with the group's ``[D_in, D_out]`` coefficients by one matrix product per table
+   into ``C, S`` ``[BLOCK_S, d_r/2]`` in registers; pairs ``j >= D_out`` are constants
+   (``C = 1``, ``S = zero_freq_sin``). ``NARROW``: the product over the Fourier columns only, as
+   3xTF32, where they fill half the padded pairs; else the IEEE fp32 product over all pairs;
 2. ``x*C + rotate_half(x)*S`` is applied to every batch row of the group's query heads and key
-   heads; dims beyond ``d_r`` are copied.
+   heads, as one ``[BLOCK_S, heads, pairs]`` tile per half (``HEAD_TILE``: batch row 0 loaded
+   before the tables are formed) or one head at a time; dims beyond ``d_r`` are copied.
 
-Backward is the same kernel with the sign of ``S`` flipped (the transpose of the rotation-like
-map); nothing activation-sized is saved: only positions, frequencies and the small coefficient
-tensors. With trainable coefficients the backward also forms ``dC, dS`` per position in
-registers and writes per-block partial ``dA = sum_p cos/sin(p w_k) dC/dS`` (no atomics); a torch
-sum over blocks finishes the reduction deterministically (the inputs q, k are then saved).
+Backward is :func:`_fope_qk_kernel` with the sign of ``S`` flipped (the transpose of the
+rotation-like map); nothing activation-sized is saved: only positions, frequencies and the
+small coefficient tensors. With trainable coefficients the backward is
+:func:`_fope_qk_coef_grad_kernel`: it also forms ``dC, dS`` per position in registers and writes
+per-block partial ``dA = sum_p cos/sin(p w_k) dC/dS`` (no atomics); a torch sum over blocks
+finishes the reduction deterministically (the inputs q, k are then saved).
 
 RoPE is the limit ``D_in = D_out = d_r/2``, identity coefficients: the ``ROPE`` constexpr computes
 ``cos(p w_j)``, ``sin(p w_j)`` directly instead of mixing.
 
-Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests): loads are cast to float32
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests): loads are cast to float32
 before any arithmetic and a single autotune config is used.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -193,193 +195,222 @@ def _tile_pass(
 
 
 @triton.jit
-def _fope_qk_kernel(
-    Q, K, OQ, OK, GQ, GK, POS, W, ACOS, ASIN, DACOS, DASIN, S, B,
-    sq_s, sq_b, sq_h, sq_d, sk_s, sk_b, sk_h, sk_d,
-    soq_s, soq_b, soq_h, soq_d, sok_s, sok_b, sok_h, sok_d,
-    sgq_s, sgq_b, sgq_h, sgq_d, sgk_s, sgk_b, sgk_h, sgk_d,
-    zero_freq_sin,
-    QH_PER_G: tl.constexpr, KH_PER_G: tl.constexpr, N_GROUPS: tl.constexpr,
-    D_R: tl.constexpr, D_PASS: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
-    HALF_P2: tl.constexpr, PASS_P2: tl.constexpr,
-    ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
-    COEF_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, ROUND_BF16: tl.constexpr = False,
-    MIX_DOT: tl.constexpr = False, IN_P2: tl.constexpr = 16, DOT_PREC: tl.constexpr = "ieee",
-    NARROW: tl.constexpr = False, OUT_P2: tl.constexpr = 16, GROUP_BLOCK: tl.constexpr = 1,
-    HEAD_TILE: tl.constexpr = False, QH_P2: tl.constexpr = 1, KH_P2: tl.constexpr = 1,
-):  # fmt: skip
-    pid_s = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    HALF: tl.constexpr = D_R // 2
-    s_idx = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+def _positions(POS, S, BLOCK_S: tl.constexpr):
+    """The program's block of rows: indices, mask, and positions as float32."""
+    s_idx = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_mask = s_idx < S
-    # Every pair as one tile per half (aligned, vectorised loads); Fourier columns jh < D_OUT,
-    # zero-frequency constants beyond (all pairs are Fourier in the RoPE limit).
+    return s_idx, s_mask, tl.load(POS + s_idx, mask=s_mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _angle_tiles(pos, W, D_IN: tl.constexpr, IN_P2: tl.constexpr):
+    """cos and sin of the ``[BLOCK_S, D_in]`` angles ``p * w_k``, once per element (0 past D_in)."""
+    ki = tl.arange(0, IN_P2)
+    k_mask = ki < D_IN
+    w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
+    ang = _reduce(pos[:, None] * w[None, :])
+    return tl.where(k_mask[None, :], tl.cos(ang), 0.0), tl.where(k_mask[None, :], tl.sin(ang), 0.0)
+
+
+@triton.jit
+def _fope_tables(
+    cos_t, sin_t, ACOS, ASIN, g, zero_freq_sin, BLOCK_S: tl.constexpr, D_IN: tl.constexpr,
+    D_OUT: tl.constexpr, IN_P2: tl.constexpr, HALF_P2: tl.constexpr, OUT_P2: tl.constexpr,
+    NARROW: tl.constexpr,
+):  # fmt: skip
+    """Group ``g``'s tables ``C = cos(p w) @ A_cos[g]``, ``S = sin(p w) @ A_sin[g]``
+    ``[BLOCK_S, HALF_P2]``, constants past the Fourier columns (``C = 1``, ``S = zero_freq_sin``).
+
+    NARROW: only the ``OUT_P2 = HALF_P2 / 2`` Fourier columns are multiplied, on tensor cores as
+    3xTF32 (split operands: about fp32 accuracy), and the tile is widened with constant columns
+    (``[c | 1]`` side by side); else one IEEE fp32 product over all pairs."""
+    ki = tl.arange(0, IN_P2)
     jh = tl.arange(0, HALF_P2)
     f_mask = jh < D_OUT
-    pj = tl.arange(0, PASS_P2)
-    pos = tl.load(POS + s_idx, mask=s_mask, other=0).to(tl.float32)
+    if NARROW:
+        jo = tl.arange(0, OUT_P2)
+        off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jo[None, :]
+        m = (ki < D_IN)[:, None] & (jo < D_OUT)[None, :]
+        c_n = tl.dot(cos_t, tl.load(ACOS + off, mask=m, other=0.0), input_precision="tf32x3")
+        s_n = tl.dot(sin_t, tl.load(ASIN + off, mask=m, other=0.0), input_precision="tf32x3")
+        one = tl.full((BLOCK_S, OUT_P2), 1.0, tl.float32)
+        C = tl.reshape(tl.permute(tl.join(c_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
+        Sn = tl.reshape(tl.permute(tl.join(s_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
+    else:
+        off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
+        m = (ki < D_IN)[:, None] & f_mask[None, :]
+        C = tl.dot(cos_t, tl.load(ACOS + off, mask=m, other=0.0), input_precision="ieee")
+        Sn = tl.dot(sin_t, tl.load(ASIN + off, mask=m, other=0.0), input_precision="ieee")
+    return tl.where(f_mask[None, :], C, 1.0), tl.where(f_mask[None, :], Sn, zero_freq_sin)
 
+
+@triton.jit
+def _tile_group(
+    Q, K, OQ, OK, xq1, xq2, xk1, xk2, s_idx, s_mask, mq, mk, hq, hk, jh, pj, g, B,
+    sq_s, sq_b, sq_h, sq_d, sk_s, sk_b, sk_h, sk_d,
+    soq_s, soq_b, soq_h, soq_d, sok_s, sok_b, sok_h, sok_d, C, Sn,
+    QH_PER_G: tl.constexpr, KH_PER_G: tl.constexpr, HALF: tl.constexpr, D_R: tl.constexpr,
+    D_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, SIGN: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """Group ``g``'s query and key heads as tiles: batch row 0 (loaded before the tables were
+    formed) stored, then rows ``1..B-1`` loaded and stored, then the pass-through dims."""
+    hq0 = g * QH_PER_G
+    hk0 = g * KH_PER_G
+    _tile_store(
+        xq1, xq2, OQ, s_idx, mq, 0, hq0, hq, jh, soq_s, soq_b, soq_h, soq_d, C, Sn,
+        HALF, INTERLEAVED, SIGN, ROUND_BF16,
+    )  # fmt: skip
+    _tile_store(
+        xk1, xk2, OK, s_idx, mk, 0, hk0, hk, jh, sok_s, sok_b, sok_h, sok_d, C, Sn,
+        HALF, INTERLEAVED, SIGN, ROUND_BF16,
+    )  # fmt: skip
+    for bi in range(1, B):
+        yq1, yq2 = _tile_load(
+            Q, s_idx, mq, bi, hq0, hq, jh, sq_s, sq_b, sq_h, sq_d, HALF, INTERLEAVED
+        )  # fmt: skip
+        yk1, yk2 = _tile_load(
+            K, s_idx, mk, bi, hk0, hk, jh, sk_s, sk_b, sk_h, sk_d, HALF, INTERLEAVED
+        )  # fmt: skip
+        _tile_store(
+            yq1, yq2, OQ, s_idx, mq, bi, hq0, hq, jh, soq_s, soq_b, soq_h, soq_d, C, Sn,
+            HALF, INTERLEAVED, SIGN, ROUND_BF16,
+        )  # fmt: skip
+        _tile_store(
+            yk1, yk2, OK, s_idx, mk, bi, hk0, hk, jh, sok_s, sok_b, sok_h, sok_d, C, Sn,
+            HALF, INTERLEAVED, SIGN, ROUND_BF16,
+        )  # fmt: skip
+    if D_PASS > 0:
+        _tile_pass(
+            Q, OQ, s_idx, s_mask, B, hq0, hq, hq < QH_PER_G, pj,
+            sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, D_R, D_PASS,
+        )  # fmt: skip
+        _tile_pass(
+            K, OK, s_idx, s_mask, B, hk0, hk, hk < KH_PER_G, pj,
+            sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, D_R, D_PASS,
+        )  # fmt: skip
+
+
+@triton.jit
+def _fope_qk_kernel(
+    Q, K, OQ, OK, POS, W, ACOS, ASIN, S, B, n_groups,
+    sq_s, sq_b, sq_h, sq_d, sk_s, sk_b, sk_h, sk_d,
+    soq_s, soq_b, soq_h, soq_d, sok_s, sok_b, sok_h, sok_d, zero_freq_sin,
+    QH_PER_G: tl.constexpr, KH_PER_G: tl.constexpr, QH_P2: tl.constexpr, KH_P2: tl.constexpr,
+    D_R: tl.constexpr, D_PASS: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+    IN_P2: tl.constexpr, HALF_P2: tl.constexpr, OUT_P2: tl.constexpr, PASS_P2: tl.constexpr,
+    ROPE: tl.constexpr, NARROW: tl.constexpr, HEAD_TILE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, SIGN: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Forward (SIGN 1) and, with frozen coefficients, backward (SIGN -1) of one block of
+    positions and one KV group ``g``: the group's tables, then every batch row of its heads
+    (``n_groups``, the launch's groups, is an autotune key only)."""
+    g = tl.program_id(1)
+    HALF: tl.constexpr = D_R // 2
+    s_idx, s_mask, pos = _positions(POS, S, BLOCK_S)
+    jh = tl.arange(0, HALF_P2)
+    pj = tl.arange(0, PASS_P2)
     if HEAD_TILE:
+        # Batch row 0 of the group's heads is loaded before its tables are formed, so the table
+        # math runs while these bytes are in flight.
         hq = tl.arange(0, QH_P2)
         hk = tl.arange(0, KH_P2)
-        j3 = (jh < HALF)[None, None, :]
-        mq = s_mask[:, None, None] & (hq < QH_PER_G)[None, :, None] & j3
-        mk = s_mask[:, None, None] & (hk < KH_PER_G)[None, :, None] & j3
+        mq = s_mask[:, None, None] & (hq < QH_PER_G)[None, :, None] & (jh < HALF)[None, None, :]
+        mk = s_mask[:, None, None] & (hk < KH_PER_G)[None, :, None] & (jh < HALF)[None, None, :]
+        xq1, xq2 = _tile_load(
+            Q, s_idx, mq, 0, g * QH_PER_G, hq, jh, sq_s, sq_b, sq_h, sq_d, HALF, INTERLEAVED
+        )
+        xk1, xk2 = _tile_load(
+            K, s_idx, mk, 0, g * KH_PER_G, hk, jh, sk_s, sk_b, sk_h, sk_d, HALF, INTERLEAVED
+        )
+    if ROPE:
+        # the RoPE limit: cos(p w_j), sin(p w_j) of every pair directly, no product
+        w = tl.load(W + jh, mask=jh < D_OUT, other=0.0).to(tl.float32)
+        ang = _reduce(pos[:, None] * w[None, :])
+        C = tl.cos(ang)
+        Sn = tl.sin(ang)
+    else:
+        cos_t, sin_t = _angle_tiles(pos, W, D_IN, IN_P2)
+        C, Sn = _fope_tables(
+            cos_t, sin_t, ACOS, ASIN, g, zero_freq_sin, BLOCK_S, D_IN, D_OUT, IN_P2, HALF_P2,
+            OUT_P2, NARROW,
+        )  # fmt: skip
+    if HEAD_TILE:
+        _tile_group(
+            Q, K, OQ, OK, xq1, xq2, xk1, xk2, s_idx, s_mask, mq, mk, hq, hk, jh, pj, g, B,
+            sq_s, sq_b, sq_h, sq_d, sk_s, sk_b, sk_h, sk_d,
+            soq_s, soq_b, soq_h, soq_d, sok_s, sok_b, sok_h, sok_d, C, Sn,
+            QH_PER_G, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, ROUND_BF16,
+        )  # fmt: skip
+    else:
+        zero = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)  # (no coefficient gradients here)
+        _rotate_heads(
+            Q, OQ, Q, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
+            sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sq_s, sq_b, sq_h, sq_d,
+            zero, zero, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, False, ROUND_BF16,
+        )  # fmt: skip
+        _rotate_heads(
+            K, OK, K, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
+            sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sk_s, sk_b, sk_h, sk_d,
+            zero, zero, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, False, ROUND_BF16,
+        )  # fmt: skip
 
-    for gi in tl.static_range(GROUP_BLOCK):
-        g = pid_g * GROUP_BLOCK + gi
-        if HEAD_TILE:
-            # Batch row 0 of the group's heads is loaded before its tables are formed, so the
-            # table math runs while these bytes are in flight.
-            xq1, xq2 = _tile_load(
-                Q, s_idx, mq, 0, g * QH_PER_G, hq, jh, sq_s, sq_b, sq_h, sq_d, HALF, INTERLEAVED
-            )
-            xk1, xk2 = _tile_load(
-                K, s_idx, mk, 0, g * KH_PER_G, hk, jh, sk_s, sk_b, sk_h, sk_d, HALF, INTERLEAVED
-            )
-        if gi == 0:
-            # What does not depend on the group is computed once for the program's GROUP_BLOCK groups:
-            # the RoPE tables, or the [BLOCK_S, D_in] cos/sin tile that the dot mixes per group.
-            if ROPE:
-                w = tl.load(W + jh, mask=f_mask, other=0.0).to(tl.float32)
-                ang = _reduce(pos[:, None] * w[None, :])
-                C = tl.cos(ang)
-                Sn = tl.sin(ang)
-            elif MIX_DOT:
-                # cos/sin of the [BLOCK_S, D_in] angles once per element, then one float32 matrix
-                # product per table and group: C = cos(p w) @ A_cos[g], S = sin(p w) @ A_sin[g], in
-                # IEEE fp32 (FMA units) or 3xTF32 (tensor cores, split operands: about fp32 accuracy).
-                ki = tl.arange(0, IN_P2)
-                k_mask = ki < D_IN
-                w = tl.load(W + ki, mask=k_mask, other=0.0).to(tl.float32)
-                ang = _reduce(pos[:, None] * w[None, :])
-                cos_t = tl.where(k_mask[None, :], tl.cos(ang), 0.0)
-                sin_t = tl.where(k_mask[None, :], tl.sin(ang), 0.0)
-                a_m = k_mask[:, None] & f_mask[None, :]
-        if not ROPE:
-            if MIX_DOT:
-                if NARROW:
-                    # Only the OUT_P2 = HALF_P2 / 2 Fourier columns are multiplied; the tile is
-                    # then widened with constant columns ([c | 1] side by side).
-                    jo = tl.arange(0, OUT_P2)
-                    n_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jo[None, :]
-                    n_m = k_mask[:, None] & (jo < D_OUT)[None, :]
-                    c_n = tl.dot(
-                        cos_t, tl.load(ACOS + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
-                    )
-                    s_n = tl.dot(
-                        sin_t, tl.load(ASIN + n_off, mask=n_m, other=0.0), input_precision=DOT_PREC
-                    )
-                    one = tl.full((BLOCK_S, OUT_P2), 1.0, tl.float32)
-                    C = tl.reshape(tl.permute(tl.join(c_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
-                    Sn = tl.reshape(tl.permute(tl.join(s_n, one), (0, 2, 1)), (BLOCK_S, HALF_P2))
-                else:
-                    a_off = g * D_IN * D_OUT + ki[:, None] * D_OUT + jh[None, :]
-                    C = tl.dot(
-                        cos_t, tl.load(ACOS + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
-                    )
-                    Sn = tl.dot(
-                        sin_t, tl.load(ASIN + a_off, mask=a_m, other=0.0), input_precision=DOT_PREC
-                    )
-            else:
-                C = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-                Sn = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-                a_base = g * D_IN * D_OUT
-                for kk in tl.static_range(D_IN):
-                    w_k = tl.load(W + kk).to(tl.float32)
-                    ang = _reduce(pos * w_k)
-                    ac = tl.load(ACOS + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
-                    asn = tl.load(ASIN + a_base + kk * D_OUT + jh, mask=f_mask, other=0.0)
-                    C += tl.cos(ang)[:, None] * ac[None, :]
-                    Sn += tl.sin(ang)[:, None] * asn[None, :]
-            C = tl.where(f_mask[None, :], C, 1.0)
-            Sn = tl.where(f_mask[None, :], Sn, zero_freq_sin)
 
-        dC = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-        dS = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
-        if HEAD_TILE:  # (no COEF_GRAD: that launch goes head by head)
-            _tile_store(
-                xq1, xq2, OQ, s_idx, mq, 0, g * QH_PER_G, hq, jh,
-                soq_s, soq_b, soq_h, soq_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
-            )  # fmt: skip
-            _tile_store(
-                xk1, xk2, OK, s_idx, mk, 0, g * KH_PER_G, hk, jh,
-                sok_s, sok_b, sok_h, sok_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
-            )  # fmt: skip
-            for bi in range(1, B):
-                yq1, yq2 = _tile_load(
-                    Q, s_idx, mq, bi, g * QH_PER_G, hq, jh, sq_s, sq_b, sq_h, sq_d,
-                    HALF, INTERLEAVED,
-                )  # fmt: skip
-                yk1, yk2 = _tile_load(
-                    K, s_idx, mk, bi, g * KH_PER_G, hk, jh, sk_s, sk_b, sk_h, sk_d,
-                    HALF, INTERLEAVED,
-                )  # fmt: skip
-                _tile_store(
-                    yq1, yq2, OQ, s_idx, mq, bi, g * QH_PER_G, hq, jh,
-                    soq_s, soq_b, soq_h, soq_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
-                )  # fmt: skip
-                _tile_store(
-                    yk1, yk2, OK, s_idx, mk, bi, g * KH_PER_G, hk, jh,
-                    sok_s, sok_b, sok_h, sok_d, C, Sn, HALF, INTERLEAVED, SIGN, ROUND_BF16,
-                )  # fmt: skip
-            if D_PASS > 0:
-                _tile_pass(
-                    Q, OQ, s_idx, s_mask, B, g * QH_PER_G, hq, hq < QH_PER_G, pj,
-                    sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, D_R, D_PASS,
-                )  # fmt: skip
-                _tile_pass(
-                    K, OK, s_idx, s_mask, B, g * KH_PER_G, hk, hk < KH_PER_G, pj,
-                    sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, D_R, D_PASS,
-                )  # fmt: skip
-        else:
-            dC, dS = _rotate_heads(
-                Q, OQ, GQ, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
-                sq_s, sq_b, sq_h, sq_d, soq_s, soq_b, soq_h, soq_d, sgq_s, sgq_b, sgq_h, sgq_d,
-                dC, dS, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
-            )  # fmt: skip
-            dC, dS = _rotate_heads(
-                K, OK, GK, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
-                sk_s, sk_b, sk_h, sk_d, sok_s, sok_b, sok_h, sok_d, sgk_s, sgk_b, sgk_h, sgk_d,
-                dC, dS, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, SIGN, COEF_GRAD, ROUND_BF16,
-            )  # fmt: skip
-
-        if COEF_GRAD:
-            # Partial dA[k, j] = sum_p cos(p w_k) dC[p, j] over this block (rows past S are 0;
-            # the constant columns j >= D_OUT are not stored).
-            out_base = ((pid_s * N_GROUPS + g) * D_IN) * D_OUT
-            if MIX_DOT:
-                p_off = out_base + ki[:, None] * D_OUT + jh[None, :]
-                pc = tl.dot(tl.trans(cos_t), dC, input_precision="ieee")
-                tl.store(DACOS + p_off, pc, mask=a_m)
-                ps = tl.dot(tl.trans(sin_t), dS, input_precision="ieee")
-                tl.store(DASIN + p_off, ps, mask=a_m)
-            for kk in tl.static_range(0 if MIX_DOT else D_IN):
-                w_k = tl.load(W + kk).to(tl.float32)
-                ang = _reduce(pos * w_k)
-                pc = tl.sum(tl.cos(ang)[:, None] * dC, axis=0)
-                ps = tl.sum(tl.sin(ang)[:, None] * dS, axis=0)
-                tl.store(DACOS + out_base + kk * D_OUT + jh, pc, mask=f_mask)
-                tl.store(DASIN + out_base + kk * D_OUT + jh, ps, mask=f_mask)
+@triton.jit
+def _fope_qk_coef_grad_kernel(
+    GQ, GK, DQ, DK, Q, K, POS, W, ACOS, ASIN, DACOS, DASIN, S, B,
+    sgq_s, sgq_b, sgq_h, sgq_d, sgk_s, sgk_b, sgk_h, sgk_d,
+    sdq_s, sdq_b, sdq_h, sdq_d, sdk_s, sdk_b, sdk_h, sdk_d,
+    sq_s, sq_b, sq_h, sq_d, sk_s, sk_b, sk_h, sk_d, zero_freq_sin,
+    QH_PER_G: tl.constexpr, KH_PER_G: tl.constexpr, N_GROUPS: tl.constexpr,
+    D_R: tl.constexpr, D_PASS: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+    IN_P2: tl.constexpr, HALF_P2: tl.constexpr, OUT_P2: tl.constexpr, PASS_P2: tl.constexpr,
+    NARROW: tl.constexpr, INTERLEAVED: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Backward with trainable coefficients, head by head: ``dq``, ``dk`` from the output
+    gradients ``GQ``, ``GK`` (the transpose), and this block's partial
+    ``dA[k, j] = sum_p cos/sin(p w_k) dC/dS[p, j]`` from the saved inputs ``Q``, ``K``."""
+    g = tl.program_id(1)
+    HALF: tl.constexpr = D_R // 2
+    s_idx, s_mask, pos = _positions(POS, S, BLOCK_S)
+    jh = tl.arange(0, HALF_P2)
+    pj = tl.arange(0, PASS_P2)
+    cos_t, sin_t = _angle_tiles(pos, W, D_IN, IN_P2)
+    C, Sn = _fope_tables(
+        cos_t, sin_t, ACOS, ASIN, g, zero_freq_sin, BLOCK_S, D_IN, D_OUT, IN_P2, HALF_P2,
+        OUT_P2, NARROW,
+    )  # fmt: skip
+    dC = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+    dS = tl.full((BLOCK_S, HALF_P2), 0.0, tl.float32)
+    dC, dS = _rotate_heads(
+        GQ, DQ, Q, s_idx, s_mask, jh, pj, C, Sn, g * QH_PER_G, B,
+        sgq_s, sgq_b, sgq_h, sgq_d, sdq_s, sdq_b, sdq_h, sdq_d, sq_s, sq_b, sq_h, sq_d,
+        dC, dS, QH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, -1, True, ROUND_BF16,
+    )  # fmt: skip
+    dC, dS = _rotate_heads(
+        GK, DK, K, s_idx, s_mask, jh, pj, C, Sn, g * KH_PER_G, B,
+        sgk_s, sgk_b, sgk_h, sgk_d, sdk_s, sdk_b, sdk_h, sdk_d, sk_s, sk_b, sk_h, sk_d,
+        dC, dS, KH_PER_G, HALF, D_R, D_PASS, INTERLEAVED, -1, True, ROUND_BF16,
+    )  # fmt: skip
+    # Rows past S hold dC = dS = 0; the constant columns j >= D_OUT are not stored.
+    ki = tl.arange(0, IN_P2)
+    off = ((tl.program_id(0) * N_GROUPS + g) * D_IN + ki[:, None]) * D_OUT + jh[None, :]
+    m = (ki < D_IN)[:, None] & (jh < D_OUT)[None, :]
+    tl.store(DACOS + off, tl.dot(tl.trans(cos_t), dC, input_precision="ieee"), mask=m)
+    tl.store(DASIN + off, tl.dot(tl.trans(sin_t), dS, input_precision="ieee"), mask=m)
 
 
 CONFIGS = ((16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
 """``(BLOCK_S, num_warps)`` the autotuner tries on a GPU."""
 
+ONE_CONFIG = triton.Config({"BLOCK_S": 16}, num_warps=4)
+"""The only config under the interpreter (and for tests that compile one config per case)."""
+
 TILE_MAX_BLOCK = 32
-"""Largest position block tried for ``HEAD_TILE`` launches. In the H100 autotuning logs of
-2026-11-27 (docs/results/gpu/variants: 32 tile-launch decisions over all of CONFIGS, 8 of them in
-the uncontended timed suite), no tile launch chose a block above 32 and 27 chose 16 with 4
-warps; the larger blocks only cost compile time."""
-
-
-def _configs() -> list[triton.Config]:
-    # One config under the interpreter, or when FOPE_TRITON_AUTOTUNE=0 (tests on CUDA: one
-    # compile per case instead of one per config).
-    if interpreted() or os.environ.get("FOPE_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_S": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_S": bs}, num_warps=nw) for bs, nw in CONFIGS]
+"""Largest position block tried for ``HEAD_TILE`` launches: in the H100 autotuning logs
+(docs/results/gpu/README.md: 32 tile-launch decisions over all of CONFIGS), no tile launch chose
+a block above 32 and 27 chose 16 with 4 warps; the larger blocks only cost compile time."""
 
 
 def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -391,27 +422,21 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> l
     return small or configs
 
 
-_fope_qk_tuned = triton.autotune(
-    configs=_configs(),
-    prune_configs_by={"early_config_prune": prune_configs},
-    # every constexpr that changes the work: the table variants tune their own block size
-    key=[
-        "S",
-        "B",
-        "QH_PER_G",
-        "KH_PER_G",
-        "N_GROUPS",
-        "D_R",
-        "D_PASS",
-        "D_IN",
-        "D_OUT",
-        "ROPE",
-        "SIGN",
-        "INTERLEAVED",
-        "MIX_DOT",
-        "DOT_PREC",
-        "NARROW",
-        "GROUP_BLOCK",
-        "HEAD_TILE",
-    ],
-)(_fope_qk_kernel)
+def autotuned(configs: list[triton.Config]):
+    """:func:`_fope_qk_kernel` autotuned over ``configs``, keyed on everything that changes the
+    work (each path tunes its own block size)."""
+    return triton.autotune(
+        configs=configs,
+        prune_configs_by={"early_config_prune": prune_configs},
+        key=(
+            "S B n_groups QH_PER_G KH_PER_G D_R D_PASS D_IN D_OUT ROPE NARROW HEAD_TILE INTERLEAVED "
+            "SIGN"
+        ).split(),
+    )(_fope_qk_kernel)
+
+
+_fope_qk_tuned = autotuned(
+    [ONE_CONFIG]
+    if interpreted()
+    else [triton.Config({"BLOCK_S": bs}, num_warps=nw) for bs, nw in CONFIGS]
+)

@@ -117,6 +117,18 @@ class PositionalSelfAttention(SelfAttention):
         """The module that makes this layer's tables (None for ``kind='none'``)."""
         return getattr(self, self.position.kind, None)
 
+    def kernel_path(self):
+        """The fused kernel's path for this layer's q/k shapes (``fope.triton_apply.kernel_path``,
+        chosen from the shapes at every launch); None unless the fusion is ``triton``."""
+        if self.position.fusion != "triton" or self.encoder is None:
+            return None
+        from ..fope.triton_apply import kernel_path
+
+        per_group = self.num_attention_heads_per_partition // len(self.kv_groups)
+        if self.position.kind == "fope":
+            return kernel_path(self.fope.d_out, self.position.fope.rotary_dim, per_group)
+        return kernel_path(None, self.position.rotary_dim, per_group)
+
     def forward(self, *args, **kwargs):
         if (
             kwargs.get("inference_context") is not None

@@ -6,16 +6,20 @@ initialised: ``parallel.setup.init_model_parallel(tp, cp, pp, ulysses)``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..fope import FoPEConfig
 from ..fope.fusion import resolve_fusion
-from .attention import PositionSettings
+from .attention import PositionalSelfAttention, PositionSettings
 from .recompute import megatron_recompute_kwargs
 from .spec import get_fope_block_spec, transformer_engine_usable
 from .vocab import padded_vocab_size
+
+log = logging.getLogger("fope")
 
 
 def compute_dtype(cfg) -> torch.dtype:
@@ -181,6 +185,10 @@ def build_gpt(
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    layers = [m for m in model.modules() if isinstance(m, PositionalSelfAttention)]
+    path = layers[0].kernel_path() if layers else None
+    if path is not None:  # the same for every layer: their shapes are alike
+        log.info("position kernel (triton, from the shapes): %s", path)
     return model
 
 
