@@ -56,6 +56,8 @@ class TrainConfig:
     clip_grad: float = 1.0  # global gradient-norm clip (0 = off)
     save_interval: int = 1000  # steps between checkpoints (one is also saved at the end)
     keep_last: int = 3  # number of checkpoints kept (0 = keep all)
+    async_save: bool = False  # interval saves written by DeepSpeed's decoupled writer processes
+    # while training goes on (completed after the next step); the last save is synchronous
     eval_interval: int = 1000  # steps between validation passes (0 = off)
     eval_iters: int = 10  # validation micro-batches per pass
     eval_lengths: list[int] = field(default_factory=list)  # extra eval lengths (extrapolation)

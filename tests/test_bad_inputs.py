@@ -65,7 +65,7 @@ def files(tmp_path_factory, corpus):
     damaged = d / "damaged"
     shutil.copytree(run, damaged)
     for step in (1, 2):  # every checkpoint of this copy damaged after it was written
-        model = damaged / "checkpoints" / f"step_{step:08d}" / "model_full.pt"
+        model = damaged / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
         model.write_bytes(model.read_bytes()[:1000])
     return dict(corpus=corpus, d=str(d), trunc=trunc, badidx=badidx, shortidx=shortidx,
                 badmeta=badmeta, dtypemeta=dtypemeta, bigvocab=bigvocab, run=str(run),
@@ -103,7 +103,7 @@ CASES = [
     ("ds-config-not-json", T, ["deepspeed.config={d}/bad_ds.json"], "{d}/bad_ds.json"),
     ("tokenizer-missing", T, ["data.path=[]", "data.synthetic=true", "data.tokenizer={d}/tok"], "{d}/tok"),
     ("resume-changed-lr-refused", T, ["train.resume={run}", "train.lr=5e-4", "train.resume_changes=refuse"], "train.lr"),
-    ("resume-all-damaged", T, ["train.resume={damaged}"], "model_full.pt"),
+    ("resume-all-damaged", T, ["train.resume={damaged}"], "mp_rank_00_model_states.pt"),
     ("pre-input-missing", P, ["--input", "{d}/nope.jsonl", "--output-prefix", "{d}/o"], "{d}/nope.jsonl"),
     ("pre-malformed-line", P, ["--input", "{d}/bad.jsonl", "--output-prefix", "{d}/o"], "{d}/bad.jsonl:3"),
     ("pre-format", P, ["--input", "{d}/data.csv", "--output-prefix", "{d}/o"], "{d}/data.csv"),
@@ -120,8 +120,8 @@ CASES = [
     ("eval-data-vocab", E, ["--run", "{run}", "--out", "{d}/e", "--data", "{bigvocab}"], "{bigvocab}.meta.json"),
     ("eval-lengths", E, ["--run", "{run}", "--out", "{d}/e", "--lengths", "12x"], "12x"),
     ("eval-checkpoint-missing", E, ["--run", "{run}", "--out", "{d}/e", "--checkpoint", "step_7"], "step_7"),
-    ("eval-checkpoint-damaged", E, ["--run", "{damaged}", "--out", "{d}/e"], "model_full.pt"),
-    ("export-checkpoint-damaged", X, ["--run", "{damaged}", "--out", "{d}/hf"], "model_full.pt"),
+    ("eval-checkpoint-damaged", E, ["--run", "{damaged}", "--out", "{d}/e"], "mp_rank_00_model_states.pt"),
+    ("export-checkpoint-damaged", X, ["--run", "{damaged}", "--out", "{d}/hf"], "mp_rank_00_model_states.pt"),
     ("plan-config-missing", L, ["--config", "{d}/nope.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80"], "{d}/nope.yaml"),
     ("plan-nodes", L, ["--config", "configs/fope_60m.yaml", "--nodes", "0"], "--nodes"),
     ("plan-unknown-key", L, ["--config", "configs/fope_60m.yaml", "train.stpes=3"], "train.stpes"),

@@ -92,18 +92,7 @@ def test_tool_prints_only_its_own_output(outputs, name: str) -> None:
     assert proc.stdout.strip()
 
 
-NO_VERBOSE_YET = {"fope-train", "fope-export"}  # quiet already; their parsers lack the flag
-
-
-@pytest.mark.parametrize(
-    "script",
-    [
-        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="-v not wired in yet"))
-        if s in NO_VERBOSE_YET
-        else s
-        for s in SCRIPTS
-    ],
-)
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_tool_has_verbose_flag(outputs, script: str) -> None:
     assert "--verbose" in outputs[f"{script} --help"].stdout
 

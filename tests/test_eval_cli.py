@@ -127,10 +127,10 @@ def test_init_from_x_fope_grows_coefficients_in_training(trained, tmp_path):
         ["data.synthetic=true", "train.steps=2", "train.seq_length=256",
          f"train.init_from={src}", "fope.expand_on_extension=true"],
     )  # fmt: skip
-    old = torch.load(src / "model_full.pt", weights_only=False)["state_dict"]
-    new = torch.load(
-        run_dir / "checkpoints" / "step_00000002" / "model_full.pt", weights_only=False
-    )["state_dict"]
+    from fope_megatron.checkpoint.full_state import checkpoint_full_state
+
+    old = checkpoint_full_state(src)
+    new = checkpoint_full_state(run_dir / "checkpoints" / "step_00000002")
     key = "decoder.layers.1.self_attention.fope.coef_cos"
     # head_dim 16: D_in 3 at L=64 (w = 1, .32, .1), 4 at L=256 (+ .032); D_out = min(D_in, 4)
     assert old[key].shape == (1, 4, 3, 3) and new[key].shape == (1, 4, 4, 4)

@@ -74,7 +74,8 @@ def _eval_logits(rank, world, run_dir):
 
 
 def test_checkpoints_of_every_stage_load_for_evaluation(runs):
-    """model_full.pt (ZeRO 0-2, TP=2) and zero_to_fp32 (ZeRO-3) give the same trained model."""
+    """The TP ranks' model files joined (ZeRO 0-2, TP=2) and zero_to_fp32 (ZeRO-3) give the same
+    trained model."""
     from fope_megatron.testing.distributed import run_distributed
 
     ref = run_distributed(_eval_logits, 1, runs("z0", ["deepspeed.zero_stage=0"]))[0]

@@ -170,13 +170,14 @@ def test_checkpoints_carry_a_manifest_that_catches_damage(tmp_path, corpus):
     launch.train(run_dir, [f"data.path=[{corpus}]", "train.steps=1"])
     folder = run_dir / "checkpoints" / "step_00000001"
     listed = json.loads((folder / "manifest.json").read_text())["files"]
-    assert {"model_full.pt", "mp_rank_00_model_states.pt", "train_settings.json"} <= set(listed)
+    assert {"layout.json", "mp_rank_00_model_states.pt", "train_settings.json"} <= set(listed)
+    assert "model_full.pt" not in listed  # nothing gathered at save
     assert manifest.damaged_files(folder) == []
-    model = folder / "model_full.pt"
+    model = folder / "mp_rank_00_model_states.pt"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     model.write_bytes(bytes(data))
     assert manifest.problems(folder, checksums=False) == []  # sizes alone do not see it
-    with pytest.raises(manifest.CheckpointDamaged, match="model_full.pt: CRC-32"):
+    with pytest.raises(manifest.CheckpointDamaged, match="mp_rank_00_model_states.pt: CRC-32"):
         manifest.verify(folder)
     assert Path(folder / "COMPLETE").is_file()

@@ -1,7 +1,7 @@
 """The unsharded (TP=1) model state of a checkpoint of any layout, and the run it belongs to.
 
-``model_full.pt`` (``FULL_STATE_FORMAT``) is written by the trainer next to DeepSpeed's files for
-ZeRO 0-2; ZeRO-3 partitions are consolidated with DeepSpeed's own zero_to_fp32. The model is
+Nothing is gathered at save: the full state is joined here, on the one process that needs it
+(evaluation, export, ``train.init_from``), from DeepSpeed's own files. The model is
 rebuilt from ``RUN_DIR/config.yaml`` with the *trained* FoPE floor (``fope.train_seq_len`` is
 resolved and saved at training time, never recomputed from an evaluation length).
 """
@@ -36,11 +36,17 @@ def single_rank(cfg):
 
 
 def checkpoint_full_state(path: Path) -> dict:
-    """The unsharded (TP=1) model state of a checkpoint folder of any layout.
+    """The unsharded (TP=1) model state of a checkpoint folder of any layout, read on this
+    process (nothing was gathered at save):
 
-    ``model_full.pt`` (written by the trainer with every ZeRO 0-2 checkpoint) or, for ZeRO-3,
-    DeepSpeed's zero_to_fp32 consolidation of the partitions (parameters and buffers).
+    - ZeRO 0-2: DeepSpeed's per-TP-rank model files (``mp_rank_XX_model_states.pt``), joined by
+      the split dims ``layout.json`` records (``reshard.split_dims`` of the trained model);
+    - ZeRO-3: DeepSpeed's zero_to_fp32 consolidation of the partitions (parameters, buffers);
+    - ``model_full.pt`` of checkpoints written before: as it is.
     """
+    from . import layout
+    from .reshard import join_states
+
     path = Path(path)
     full = path / FULL_MODEL_FILE
     if full.is_file():
@@ -49,7 +55,18 @@ def checkpoint_full_state(path: Path) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    raise FileNotFoundError(f"{path} holds neither {full.name} nor ZeRO-3 partitions")
+    files = sorted(path.glob("mp_rank_*_model_states.pt"), key=lambda p: int(p.name[8:10]))
+    if not files:
+        raise FileNotFoundError(
+            f"{path} holds neither DeepSpeed's mp_rank_*_model_states.pt, ZeRO-3 partitions "
+            f"nor {FULL_MODEL_FILE}"
+        )
+    split = (layout.read(path) or {}).get("tensor_parallel")
+    if len(files) > 1 and split is None:
+        raise FileNotFoundError(f"{path}: {len(files)} TP ranks but no split dims in layout.json")
+    states = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    state = join_states(states, {k: tuple(v) for k, v in (split or {}).items()})
+    return {k: v for k, v in state.items() if v is not None}  # megatron's empty _extra_state
 
 
 def load_full_state(model: torch.nn.Module, state: dict, source: Path) -> None:

@@ -44,14 +44,34 @@ def _files(folder: Path) -> list[Path]:
     )
 
 
-def write(folder: str | Path) -> dict:
-    """Write ``folder/manifest.json`` (atomically) for every file now in ``folder``."""
+def sizes(folder: str | Path) -> dict[str, int]:
+    """``{name: size}`` of every file now in ``folder`` (what a manifest lists)."""
     folder = Path(folder)
-    files = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "crc32": crc32(p)}
-        for p in _files(folder)
-    }
-    manifest = {"version": 1, "checksum": "crc32", "files": files}
+    return {str(p.relative_to(folder)): p.stat().st_size for p in _files(folder)}
+
+
+def share(files: dict[str, int], rank: int, world: int) -> list[str]:
+    """The names of ``files`` (``{name: size}``) rank ``rank`` of ``world`` checksums: largest
+    first, each to the rank with the fewest bytes so far (the same answer on every rank), so a
+    rank reads about ``1/world`` of the checkpoint, however large the world."""
+    load = [0] * world
+    mine = []
+    for name in sorted(files, key=lambda n: (-files[n], n)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        load[owner] += files[name]
+        if owner == rank:
+            mine.append(name)
+    return mine
+
+
+def write(folder: str | Path, entries: dict | None = None) -> dict:
+    """Write ``folder/manifest.json`` (atomically): ``entries`` (``{name: {"size", "crc32"}}``,
+    checksummed by the ranks, see ``store.save``) or every file now in ``folder``."""
+    folder = Path(folder)
+    files = entries if entries is not None else {
+        name: {"size": size, "crc32": crc32(folder / name)} for name, size in sizes(folder).items()
+    }  # fmt: skip
+    manifest = {"version": 1, "checksum": "crc32", "files": dict(sorted(files.items()))}
     tmp = folder / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -62,20 +82,35 @@ def write(folder: str | Path) -> dict:
     return manifest
 
 
-def problems(folder: str | Path, checksums: bool = True) -> list[str]:
-    """What is wrong with ``folder`` against its manifest (empty: intact). ``checksums=False``
-    checks presence and sizes only (cheap). A folder without a manifest (written before
-    manifests existed) is reported as unverifiable, not damaged: see ``verify``."""
-    folder = Path(folder)
-    path = folder / MANIFEST
+def listed(folder: str | Path) -> dict | None:
+    """The manifest's ``{name: {"size", "crc32"}}`` (None: no manifest; ValueError: unreadable)."""
+    path = Path(folder) / MANIFEST
     if not path.is_file():
-        return []
+        return None
     try:
-        listed = json.loads(path.read_text())["files"]
+        return dict(json.loads(path.read_text())["files"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        return [f"{path}: unreadable manifest ({err})"]
+        raise ValueError(f"{path}: unreadable manifest ({err})") from None
+
+
+def problems(
+    folder: str | Path, checksums: bool = True, only: list[str] | None = None
+) -> list[str]:
+    """What is wrong with ``folder`` against its manifest (empty: intact). ``checksums=False``
+    checks presence and sizes only (cheap); ``only`` checks those names of the manifest (one
+    rank's share). A folder without a manifest (written before manifests existed) is reported
+    as unverifiable, not damaged: see ``verify``."""
+    folder = Path(folder)
+    try:
+        files = listed(folder)
+    except ValueError as err:
+        return [str(err)]
+    if files is None:
+        return []
+    if only is not None:
+        files = {name: files[name] for name in only if name in files}
     found = []
-    for name, want in listed.items():
+    for name, want in files.items():
         file = folder / name
         if not file.is_file():
             found.append(f"{file}: missing")
@@ -83,8 +118,8 @@ def problems(folder: str | Path, checksums: bool = True) -> list[str]:
         size = file.stat().st_size
         if size != want["size"]:
             found.append(f"{file}: {size} bytes, the manifest says {want['size']}")
-        elif checksums and crc32(file) != want["crc32"]:
-            found.append(f"{file}: CRC-32 {crc32(file)}, the manifest says {want['crc32']}")
+        elif checksums and (got := crc32(file)) != want["crc32"]:
+            found.append(f"{file}: CRC-32 {got}, the manifest says {want['crc32']}")
     return found
 
 

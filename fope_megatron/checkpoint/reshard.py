@@ -65,6 +65,24 @@ def _layout(model: torch.nn.Module) -> dict[str, tuple[int, int] | None]:
     return layout
 
 
+def split_dims(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{state key: (dim, stride)}`` of every tensor split over TP: what joins the TP ranks'
+    saved states into the full one (:func:`join_states`, no process group). FoPE coefficients
+    are split over KV groups (dim 1), contiguous ranges in rank order (``num_query_groups >= tp``)."""
+    out = {k: v for k, v in _layout(model).items() if v is not None}
+    out.update({name: (1, 1) for name in _fope_entries(model)})
+    return out
+
+
+def join_states(states: list[dict], split: dict) -> dict:
+    """The full (TP=1) state from each TP rank's ``state_dict()`` (rank order) and ``split``."""
+    return {
+        k: _join([s[k] for s in states], *split[k])
+        if k in split and isinstance(v, torch.Tensor) and len(states) > 1 else v
+        for k, v in states[0].items()
+    }  # fmt: skip
+
+
 def _check_groups(model: torch.nn.Module, tp_size: int) -> None:
     config = getattr(model, "config", None)
     groups = getattr(config, "num_query_groups", None)

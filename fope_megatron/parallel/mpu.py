@@ -42,6 +42,13 @@ class MegatronMPU:
     def get_data_parallel_world_size(self) -> int:
         return ps.get_data_parallel_world_size(with_context_parallel=True)
 
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's data-parallel group (DeepSpeed's checkpoint writers pick
+        which of them write)."""
+        import torch.distributed as dist
+
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
     def get_pipeline_model_parallel_world_size(self) -> int:
         return 1
 

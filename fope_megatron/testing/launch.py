@@ -94,9 +94,20 @@ def train(
     return proc
 
 
-def metrics(run_dir: Path) -> list[dict]:
+def records(run_dir: Path) -> list[dict]:
+    """Every record of ``RUN_DIR/metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The step and validation records (not the saves' timing records, see ``saves``)."""
+    return [r for r in records(run_dir) if "save_total_s" not in r]
+
+
+def saves(run_dir: Path) -> list[dict]:
+    """The saves' records: ``save`` (the tag), ``save_blocked_s``, ``save_total_s``."""
+    return [r for r in records(run_dir) if "save_total_s" in r]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -20,10 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         help="validate the config and layout for WORLD_SIZE ranks, print them, and exit",
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
-    from ..compat.warnings import quiet_known_warnings
+    from ..compat.warnings import add_verbose_flag, quiet_known_warnings
 
-    quiet_known_warnings()
+    add_verbose_flag(parser)
+    args = parser.parse_args(argv)
+    quiet_known_warnings(args.verbose)
 
     from ..config import ConfigError, load_config
     from .trainer import env_world_size, preflight
@@ -37,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"config OK for world_size={env_world_size()}: {dims}")
         return 0
+    from ..checkpoint.manifest import CheckpointDamaged
     from .trainer import train
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    except CheckpointDamaged as e:  # found by the ranks' shared checksums: every rank stops
+        print(f"fope-train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

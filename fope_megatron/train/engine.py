@@ -95,6 +95,11 @@ def initialize(cfg: Config, model: torch.nn.Module, ds_config: dict, mpu):
         mpu=mpu,
         dist_init_required=False,
     )
+    from ..checkpoint.async_save import AsyncCheckpointEngine
+
+    # our writer thread behind DeepSpeed's checkpoint-engine interface: it checksums what it
+    # writes, and stages a host snapshot for train.async_save
+    engine.checkpoint_engine = AsyncCheckpointEngine(engine.checkpoint_engine)
     return engine, optimizer, scheduler
 
 

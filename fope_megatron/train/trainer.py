@@ -7,13 +7,13 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..checkpoint import store as checkpoint
-from ..checkpoint.full_state import FULL_MODEL_FILE
 from ..config import Config, ConfigError, check_data, check_vocab
 from ..parallel.setup import comm_device
 from . import resume
@@ -65,13 +65,16 @@ def preflight(cfg: Config, world_size: int):
     check_vocab(cfg, tokenizer_vocab(cfg, prefixes))
     from ..checkpoint.manifest import CheckpointDamaged
 
-    try:  # verified against their manifests (cached for the trainer's own resolution)
-        found = checkpoint.resolve_resume(cfg.train.resume, cfg.run.dir)
+    try:  # names and sizes against their manifests; the ranks share the checksums later
+        found = checkpoint.resolve_resume(cfg.train.resume, cfg.run.dir, checksums=False)
         if cfg.train.init_from and found is None:
-            checkpoint.resolve_resume(cfg.train.init_from, cfg.run.dir)
+            checkpoint.resolve_resume(cfg.train.init_from, cfg.run.dir, checksums=False)
     except CheckpointDamaged as err:
         raise ConfigError(str(err)) from None
     if found is not None:
+        from ..checkpoint import layout
+
+        layout.check(cfg, world_size, found[0] / found[1])  # a layout it cannot reshard fails here
         resume.check(cfg, found[0] / found[1])  # train.resume_changes=refuse fails here
     return dims
 
@@ -121,6 +124,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         bf16 = compute_dtype(cfg) == torch.bfloat16
         self.ds_config = deepspeed_json(cfg, self.dp, bf16, self.dims.dp_shard)
+        # one checkpoint for all ranks, each checksumming its share of the files
+        self.resume_from = checkpoint.agree_on_resume(cfg.train.resume, self.run_dir)
+        self.load_tag = self._resume_layout()
         from ..model.builder import position_fusion
 
         self.fusion = position_fusion(cfg)
@@ -144,16 +150,27 @@ class Trainer:
             # before DeepSpeed's own gradient hooks: SP norm grads are summed over TP first
             register_sp_grad_hooks(self.model)
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        from ..checkpoint.reshard import split_dims
+
+        self.split_dims = split_dims(self.model)
+        self.universal_info = None
+        if cfg.deepspeed.zero_stage in (1, 2, 3):
+            from ..checkpoint.universal import universal_info
+
+            self.universal_info = universal_info(self.model)
         self.mpu = MegatronMPU()
         self.step = 0
         self.guard = Guard(cfg.train)
         self.consumed_samples = 0
-        self.resume_from = checkpoint.resolve_resume(cfg.train.resume, self.run_dir)
+        self.pending = None  # an asynchronous save not yet complete (checkpoint.Pending)
+        self.save_clock = (0.0, 0.0)  # (when the save in flight started, seconds blocked)
+        self.last_save_s = None
+        self.metrics = None
         if self.resume_from is None and cfg.train.init_from:
             # weights only, before DeepSpeed copies them into its optimizer partitions
             from ..checkpoint.extension import load_init_weights
 
-            root, tag = checkpoint.resolve_resume(cfg.train.init_from, self.run_dir)
+            root, tag = checkpoint.agree_on_resume(cfg.train.init_from, self.run_dir)
             load_init_weights(self.model, cfg, root / tag)
             log.info("initialised weights from %s (fresh optimizer, step 0)", root / tag)
         self.engine, self.optimizer, self.scheduler = initialize(
@@ -204,10 +221,26 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ checkpoints
+    def _resume_layout(self) -> str | None:
+        """The tag the engine loads: the checkpoint's, or (a resume on another layout under
+        ZeRO 1-3) its universal checkpoint, made by all ranks if it is not there yet; the engine's
+        config then says ``checkpoint.load_universal``."""
+        if self.resume_from is None:
+            return None
+        from ..checkpoint import layout, universal
+
+        root, tag = self.resume_from
+        reshard = layout.check(self.cfg, self.world, root / tag)
+        if not layout.needs_universal(reshard, self.cfg.deepspeed.zero_stage):
+            return tag
+        universal.convert(root / tag)  # collective: each rank its share
+        self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return universal.folder_for(root / tag).name
+
     def _restore(self) -> None:
         if self.resume_from is not None:
             root, tag = self.resume_from
-            client = checkpoint.load(self.engine, root, tag)
+            client = checkpoint.load(self.engine, root, self.load_tag)
             self.step = int(client["step"])
             self.consumed_samples = int(client["consumed_samples"])
             self.guard.load_state(client.get("guard"))
@@ -216,36 +249,65 @@ class Trainer:
             if changed:
                 resume.apply(self.cfg, self.scheduler, changed)
 
-    def save(self) -> Path:
+    def save(self, asynchronous: bool = False) -> Path:
+        """Save a checkpoint at this step; ``asynchronous``: completed later (``finish_save``).
+        Each save adds ``save_blocked_s`` (the loop waited) and ``save_total_s`` (until it was
+        complete) to ``metrics.jsonl``."""
+        self.finish_save()  # at most one save in flight
+        start = time.perf_counter()
         client = {
             "step": self.step,
             "consumed_samples": self.consumed_samples,
             "guard": self.guard.state(),
         }
-        path = checkpoint.save(
+        if self.universal_info is not None:  # how a resume on another layout merges over TP
+            client["universal_checkpoint_info"] = self.universal_info
+        pending = checkpoint.save(
             self.engine, self.run_dir, self.step, client, self.cfg.train.keep_last,
-            extra=self._save_full_model,
+            extra=self._save_extras, asynchronous=asynchronous,
         )  # fmt: skip
-        log.info("saved checkpoint %s", path)
-        return path
+        self.pending = pending
+        self.save_clock = (start, time.perf_counter() - start)
+        if asynchronous:
+            log.info("saving checkpoint %s (asynchronous)", pending.path)
+        else:
+            self.finish_save()
+        return pending.path
 
-    def _save_full_model(self, folder: Path) -> None:
-        """``model_full.pt``: the unsharded (TP=1) model state, loadable at any TP layout
-        (evaluation, ``train.init_from``). Not written under ZeRO-3, whose partitioned
-        parameters DeepSpeed's own zero_to_fp32 consolidates instead. Also the schedule and
-        optimizer settings (``train_settings.json``) a resume compares its config with."""
-        if self.rank == 0:
-            resume.write_settings(self.cfg, folder)
-        if self.cfg.deepspeed.zero_stage == 3:
+    def finish_save(self, if_written: bool = False) -> None:
+        """Complete the save in flight; ``if_written``: only once every rank's writer is done
+        (agreed over the ranks, so all of them complete it at the same step)."""
+        if self.pending is None:
             return
-        from ..checkpoint.reshard import save_full_checkpoint
+        start, blocked = self.save_clock
+        now = time.perf_counter()
+        if if_written:
+            done = torch.tensor([1 if self.pending.written(self.engine) else 0],
+                                device=comm_device())  # fmt: skip
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+            if not done.item():
+                self.save_clock = (start, blocked + time.perf_counter() - now)
+                return
+        path = self.pending.finish(self.engine)
+        self.pending = None
+        blocked += time.perf_counter() - now
+        total = time.perf_counter() - start
+        self.last_save_s = total
+        log.info("saved checkpoint %s (%.2f s, the loop waited %.2f s)", path, total, blocked)
+        if self.metrics is not None:
+            self.metrics.write({"step": self.step, "save": path.name, "save_blocked_s": blocked,
+                                "save_total_s": total})  # fmt: skip
 
-        if self.ps.get_data_parallel_rank(with_context_parallel=True) == 0:
-            save_full_checkpoint(
-                self.engine.module,
-                folder / FULL_MODEL_FILE,
-                self.ps.get_tensor_model_parallel_group(),
-            )
+    def _save_extras(self, folder: Path) -> None:
+        """Beside DeepSpeed's files, from rank 0 (nothing gathered): the schedule and optimizer
+        settings (``train_settings.json``) and the layout (``layout.json``, with the model's TP
+        split dims that evaluation and export join the TP ranks' model files by) a resume
+        compares its config with."""
+        if self.rank == 0:
+            from ..checkpoint import layout
+
+            resume.write_settings(self.cfg, folder)
+            layout.write(self.cfg, self.world, folder, self.split_dims)
 
     # ------------------------------------------------------------------ steps
     def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -367,7 +429,7 @@ class Trainer:
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         stop = StopSignal()
-        metrics = MetricsLogger(
+        metrics = self.metrics = MetricsLogger(
             self.run_dir, self.rank, t.steps, self.step, cfg.run.tensorboard, wandb=cfg.run.wandb
         )
         fpt = flops_per_token(cfg)
@@ -378,6 +440,7 @@ class Trainer:
             while self.step < t.steps:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm, reason, dropped = self.train_step(it)
+                self.finish_save(if_written=True)
                 verdict = self.guard.after_update(reason, loss, grad_norm, dropped)
                 self.step += 1
                 self.consumed_samples += t.global_batch_size
@@ -401,21 +464,28 @@ class Trainer:
                     # nothing of this step is saved: the last good checkpoint stays latest
                     exit_code = NONFINITE_EXIT_CODE
                     log.error("step %d: %s; stopping without saving", self.step, verdict.reason)
+                    self.finish_save()  # an earlier step's asynchronous save is good
                     self._exit_status("nonfinite", exit_code, why=verdict.reason)
                     break
                 if verdict.bad:
                     log.warning("step %d: %s; update dropped (%d in a row, %d in all)", self.step,
                                 verdict.reason, self.guard.consecutive, self.guard.total_skipped)  # fmt: skip
-                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                stopping = stop.any_rank()  # before an evaluation: a stop saves at once
+                evaluating = t.eval_interval and (
+                    self.step % t.eval_interval == 0 or self.step == t.steps
+                )
+                if evaluating and not stopping:
                     val = self.evaluate()
                     metrics.write({"step": self.step, **val})
                     log.info("step %d validation: %s", self.step, val)
                     timer.lap()
-                stopping = stop.any_rank()
                 at_exit = t.exit_at_step is not None and self.step >= t.exit_at_step
                 done = self.step >= t.steps
-                if stopping or at_exit or done or self.step % t.save_interval == 0:
+                if stopping or at_exit or done:
                     self.save()
+                    timer.lap()
+                elif self.step % t.save_interval == 0:
+                    self.save(asynchronous=t.async_save)
                     timer.lap()
                 if stopping:
                     exit_code = REQUEUE_EXIT_CODE

@@ -265,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output dir (transformers model directory)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    args = p.parse_args(argv)
-    from ...compat.warnings import quiet_known_warnings
+    from ...compat.warnings import add_verbose_flag, quiet_known_warnings
 
-    quiet_known_warnings()
+    add_verbose_flag(p)
+    args = p.parse_args(argv)
+    quiet_known_warnings(args.verbose)
     try:
         out = export_run(args.run, args.out, args.checkpoint, args.dtype, args.force)
     except (ExportError, FileNotFoundError, ValueError) as e:
