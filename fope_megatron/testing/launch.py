@@ -50,20 +50,23 @@ def run_script(
     )  # fmt: skip
 
 
-def command(launcher: str, nproc: int, args: list[str]) -> list[str]:
+def command(
+    launcher: str, nproc: int, args: list[str], module: str = "fope_megatron.train"
+) -> list[str]:
+    """The command line starting ``module`` (the trainer, or a test wrapper around it)."""
     py = sys.executable
     if launcher == "python":
-        return [py, "-m", "fope_megatron.train", *args]
+        return [py, "-m", module, *args]
     if launcher == "torchrun":
         return [
             py, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", "-m", "fope_megatron.train", *args,
+            f"--master-port={free_port()}", "-m", module, *args,
         ]  # fmt: skip
     if launcher == "deepspeed":
         ds = str(Path(py).with_name("deepspeed"))
         return [
             ds, f"--num_gpus={nproc}", f"--master_port={free_port()}",
-            "--module", "fope_megatron.train", *args,
+            "--module", module, *args,
         ]  # fmt: skip
     raise ValueError(launcher)
 
@@ -77,10 +80,11 @@ def train(
     timeout: float = 300,
     extra_env: dict | None = None,
     check: bool = True,
+    module: str = "fope_megatron.train",
 ) -> subprocess.CompletedProcess:
     args = (["--config", config] if config else []) + [*TINY, f"run.dir={run_dir}", *overrides]
     proc = subprocess.run(
-        command(launcher, nproc, args),
+        command(launcher, nproc, args, module),
         env=env(extra_env),
         capture_output=True,
         text=True,

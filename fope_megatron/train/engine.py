@@ -103,17 +103,22 @@ def initialize(cfg: Config, model: torch.nn.Module, ds_config: dict, mpu):
     return engine, optimizer, scheduler
 
 
-def grad_norm(model: torch.nn.Module, mpu) -> float:
+def grad_norm(model: torch.nn.Module, mpu) -> torch.Tensor:
     """Global L2 gradient norm counting tensor-parallel shards once (DeepSpeed's and megatron's
-    rule: TP-partitioned params on every TP rank, replicated ones on TP rank 0 only)."""
+    rule: TP-partitioned params on every TP rank, replicated ones on TP rank 0 only); a float64
+    tensor on the device, nothing read back: one fp32 norm per gradient (no copy of it), their
+    squares summed in float64."""
     import torch.distributed as dist
 
     tp_rank = mpu.get_model_parallel_rank()
+    norms = [
+        torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+        for p in model.parameters()
+        if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+    ]
     total = torch.zeros((), dtype=torch.float64, device=comm_device())
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
-            total += p.grad.detach().double().pow(2).sum().to(total.device)
-    dist.all_reduce(total, group=mpu.get_model_parallel_group())
-    return float(total.sqrt())
+    if norms:
+        total += torch.stack(norms).double().pow(2).sum().to(total.device)
+    if mpu.get_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=mpu.get_model_parallel_group())
+    return total.sqrt()

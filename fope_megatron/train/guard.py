@@ -1,10 +1,16 @@
 """Non-finite and loss-spike guard: a bad step never reaches a saved optimizer state.
 
-Checked twice per step, on values every rank agrees on:
+Checked twice per step, on values every rank agrees on (one all-reduce gives every rank the same
+global loss):
 
 * before the update (last micro-batch, before its backward): the global-batch loss is non-finite,
-  or above ``train.loss_spike`` x the median of the last ``train.loss_spike_window`` good losses;
+  or above ``train.loss_spike`` x the median of the last ``train.loss_spike_window`` good losses
+  (``limit()``). Under ``skip`` this is decided on the device (``device_bad``) and poisons the
+  last backward there, so the host waits for nothing before the update;
 * after the update: the global gradient norm is non-finite.
+
+The host learns the step's loss and gradient norm in the step's one read and takes the same
+decision again (``before_update``, ``after_update``) for the verdict, the counts and the stop.
 
 ``train.on_nonfinite=stop`` (default) ends the run at the first bad step without saving it (the
 last good checkpoint stays ``latest``; exit code ``NONFINITE_EXIT_CODE``, ``exit_status.json``
@@ -49,16 +55,27 @@ class Guard:
         self.consecutive = 0
         self.total_skipped = 0
 
+    def limit(self) -> float:
+        """The loss above which a step is a spike (inf while the window fills, or check off)."""
+        if self.spike and len(self.history) == self.history.maxlen:
+            return self.spike * statistics.median(self.history)
+        return math.inf
+
     def before_update(self, loss: float) -> str | None:
         """Why the update of a step with this global loss must not happen (None if it may)."""
         if not math.isfinite(loss):
             return f"non-finite loss {loss}"
-        full = len(self.history) == self.history.maxlen
-        if self.spike and full:
+        if loss > self.limit():
             median = statistics.median(self.history)
-            if loss > self.spike * median:
-                return f"loss spike {loss:.4f} > {self.spike} x median {median:.4f}"
+            return f"loss spike {loss:.4f} > {self.spike} x median {median:.4f}"
         return None
+
+    def device_bad(self, loss):
+        """``before_update`` on the device: a bool tensor, true where the update must not
+        happen (same comparison, same float64 numbers, so the host's verdict agrees)."""
+        import torch
+
+        return ~torch.isfinite(loss) | (loss > self.limit())
 
     @property
     def poison(self) -> bool:

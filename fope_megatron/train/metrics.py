@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -93,7 +95,13 @@ def setup_logging(rank: int) -> None:
 
 
 class MetricsLogger:
-    """Rank 0 writes; other ranks' calls are no-ops."""
+    """Rank 0 writes; other ranks' calls are no-ops.
+
+    Records are kept in memory and written in batches (``metrics.jsonl``, TensorBoard, W&B, the
+    console line and the progress bar) by a writer thread: ``flush()`` at the log steps hands the
+    batch over without waiting, ``flush(wait=True)`` (saves, evaluations, stops, exit) returns once
+    every record is on disk, so a run killed later loses none before its last checkpoint.
+    """
 
     def __init__(
         self,
@@ -110,6 +118,8 @@ class MetricsLogger:
         self.tb = None
         self.bar = None
         self.wandb = None
+        self.batch: list[tuple[dict, bool]] = []  # (record, console line) not yet handed over
+        self.queue: queue.Queue | None = None
         self.peak = device_peak_tflops()
         if not self.active:
             return
@@ -134,19 +144,14 @@ class MetricsLogger:
             self.bar = tqdm(
                 total=total_steps, initial=start_step, desc="train", unit="step", disable=None
             )
+        self.queue = queue.Queue()
+        self.writer = threading.Thread(target=self._writer, name="fope-metrics", daemon=True)
+        self.writer.start()
 
-    def write(self, record: dict) -> None:
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    def write(self, record: dict, console: bool = False) -> None:
+        """Keep ``record`` for the next flush."""
+        if self.active:
+            self.batch.append((record, console))
 
     def train_step(self, record: dict, flops_per_tok: float, console: bool) -> None:
         if not self.active:
@@ -156,21 +161,64 @@ class MetricsLogger:
         record["tflops"] = tflops
         record["mfu"] = tflops / self.peak if self.peak else None
         record["memory_gb"] = memory_gb()
-        self.write(record)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        if console:
-            mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
-            msg = (
-                f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                f"grad-norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
-                f"TFLOP/s {tflops:.3f} | MFU {mfu} | mem {record['memory_gb']:.2f} GiB"
-            )
-            use_bar = self.bar is not None and not self.bar.disable
-            (self.bar.write if use_bar else log.info)(msg)
+        self.write(record, console)
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand the kept records to the writer; ``wait``: until they are written."""
+        if self.queue is None:
+            return
+        if self.batch:
+            self.queue.put(self.batch)
+            self.batch = []
+        if wait:
+            self.queue.join()
+
+    def _writer(self) -> None:
+        while True:
+            batch = self.queue.get()
+            try:
+                if batch is None:
+                    return
+                self._write_batch(batch)
+            except Exception as e:  # a full disk must not kill the run
+                log.warning("metrics: could not write %d records: %s", len(batch), e)
+            finally:
+                self.queue.task_done()
+
+    def _write_batch(self, batch: list[tuple[dict, bool]]) -> None:
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(record) + "\n" for record, _ in batch))
+        for record, console in batch:
+            step = record["step"]
+            if self.tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and value is not None:
+                        self.tb.add_scalar(key, value, step)
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            if "loss" in record and "tflops" in record:
+                if self.bar is not None:
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                if console:
+                    self._console(record)
+
+    def _console(self, record: dict) -> None:
+        mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
+        msg = (
+            f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+            f"grad-norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
+            f"TFLOP/s {record['tflops']:.3f} | MFU {mfu} | mem {record['memory_gb']:.2f} GiB"
+        )
+        use_bar = self.bar is not None and not self.bar.disable
+        (self.bar.write if use_bar else log.info)(msg)
 
     def close(self) -> None:
+        if self.queue is not None:
+            self.flush(wait=True)
+            self.queue.put(None)
+            self.writer.join()
+            self.queue = None
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:

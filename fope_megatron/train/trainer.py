@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,8 @@ SYNTHETIC_DOCS = 4000
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop saves at the end of the current step and exits."""
+    """SIGTERM / SIGUSR1 set a flag; the loop saves at the end of the step where every rank has
+    learnt it (the flag travels in the step's one all-reduce, ``Trainer._share``) and exits."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -39,10 +41,14 @@ class StopSignal:
     def _handler(self, signum, frame) -> None:
         self.signum = signum
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.signum is not None else 0], device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+class StepRead(NamedTuple):
+    """What the host learns of one optimizer step, in its one read."""
+
+    loss: float  # global-batch loss (token-weighted mean)
+    grad_norm: float  # nan where the engine reports none
+    stopping: bool  # a stop signal reached some rank
+    writing: bool  # some rank's asynchronous save is still being written
 
 
 def tokenizer_vocab(cfg: Config, prefixes: list[str]) -> int:
@@ -166,6 +172,11 @@ class Trainer:
         self.save_clock = (0.0, 0.0)  # (when the save in flight started, seconds blocked)
         self.last_save_s = None
         self.metrics = None
+        self.stop: StopSignal | None = None
+        # the ranks of rank 0's data-parallel group count the step's loss and tokens in the world
+        # all-reduce (the other tensor-parallel ranks hold the same numbers)
+        dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        self.loss_weight = 1.0 if 0 in dist.get_process_group_ranks(dp_group) else 0.0
         if self.resume_from is None and cfg.train.init_from:
             # weights only, before DeepSpeed copies them into its optimizer partitions
             from ..checkpoint.extension import load_init_weights
@@ -252,8 +263,10 @@ class Trainer:
     def save(self, asynchronous: bool = False) -> Path:
         """Save a checkpoint at this step; ``asynchronous``: completed later (``finish_save``).
         Each save adds ``save_blocked_s`` (the loop waited) and ``save_total_s`` (until it was
-        complete) to ``metrics.jsonl``."""
+        complete) to ``metrics.jsonl``; the records kept so far are written first."""
         self.finish_save()  # at most one save in flight
+        if self.metrics is not None:
+            self.metrics.flush(wait=True)
         start = time.perf_counter()
         client = {
             "step": self.step,
@@ -274,20 +287,13 @@ class Trainer:
             self.finish_save()
         return pending.path
 
-    def finish_save(self, if_written: bool = False) -> None:
-        """Complete the save in flight; ``if_written``: only once every rank's writer is done
-        (agreed over the ranks, so all of them complete it at the same step)."""
+    def finish_save(self) -> None:
+        """Complete the save in flight (the loop calls it once every rank's writer is done, as
+        the step's read says, so all of them complete it at the same step)."""
         if self.pending is None:
             return
         start, blocked = self.save_clock
         now = time.perf_counter()
-        if if_written:
-            done = torch.tensor([1 if self.pending.written(self.engine) else 0],
-                                device=comm_device())  # fmt: skip
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-            if not done.item():
-                self.save_clock = (start, blocked + time.perf_counter() - now)
-                return
         path = self.pending.finish(self.engine)
         self.pending = None
         blocked += time.perf_counter() - now
@@ -297,6 +303,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write({"step": self.step, "save": path.name, "save_blocked_s": blocked,
                                 "save_total_s": total})  # fmt: skip
+            self.metrics.flush()
 
     def _save_extras(self, folder: Path) -> None:
         """Beside DeepSpeed's files, from rank 0 (nothing gathered): the schedule and optimizer
@@ -337,18 +344,46 @@ class Trainer:
             return shard_batch_for_ulysses(*args, get_ulysses_rank(), p.ulysses, **kw)
         return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
 
-    def _reduce_dp(self, *values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    def _reduce_dp(self, *values: torch.Tensor) -> list[float]:
+        t = torch.stack([v.to(comm_device(), torch.float64) for v in values])
         dist.all_reduce(t, group=self.ps.get_data_parallel_group(with_context_parallel=True))
         return t.tolist()
 
-    def train_step(self, it) -> tuple[float, float, str | None, bool]:
-        """One optimizer step: ``(loss, grad norm, why the guard objects or None, whether the
-        engine dropped the update)``. The loss is agreed on before the last backward, so a bad
-        step can be dropped (``train.on_nonfinite=skip``) before it reaches the optimizer."""
-        loss_sum, tokens = 0.0, 0.0
+    def _share(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The step's one small all-reduce (a sum over the world, nothing read back): the global
+        loss sum and token count, the ranks a stop signal reached, the ranks still writing an
+        asynchronous save. Every rank gets the same numbers, so takes the same decisions."""
+        shared = torch.zeros(4, dtype=torch.float64, device=comm_device())
+        shared[:2] = torch.stack([loss_sum, tokens]) * self.loss_weight
+        if self.stop is not None and self.stop.signum is not None:
+            shared[2] = 1.0  # a fill on the device: no copy from the host
+        if self.pending is not None and not self.pending.written(self.engine):
+            shared[3] = 1.0
+        dist.all_reduce(shared)
+        return shared
+
+    def _read(self, shared: torch.Tensor, norm) -> StepRead:
+        """The step's one blocking host read: what ``_share`` agreed on, and the grad norm."""
+        if isinstance(norm, torch.Tensor):
+            shared = torch.cat([shared, norm.detach().reshape(1).to(shared)])
+        values = shared.tolist()
+        if not isinstance(norm, torch.Tensor):
+            values.append(float("nan") if norm is None else float(norm))
+        loss_sum, tokens, stopping, writing, grad = values
+        return StepRead(loss_sum / max(tokens, 1.0), grad, stopping > 0, writing > 0)
+
+    def train_step(self, it) -> tuple[StepRead, str | None, bool]:
+        """One optimizer step: ``(what the host read of it, why the guard objects or None,
+        whether the engine dropped the update)``, with one blocking host read (``_read``: after
+        the update under ZeRO 1-3, before it under ZeRO-0, whose non-finite grad norm makes the
+        trainer drop the update). The global loss is agreed on before the last backward; under
+        ``train.on_nonfinite=skip`` the guard's verdict poisons that backward on the device, so
+        the engine drops a bad step before it reaches the optimizer."""
         self.engine.train()
-        norm, reason = None, None
+        dev = comm_device()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        tokens = torch.zeros((), dtype=torch.float64, device=dev)
+        read = shared = None
         skipped_before = self.engine.skipped_steps
         fault = _fault_factors("FOPE_FAULT_LOSS").get(self.step + 1) if self.rank == 0 else None
         for micro in range(self.gas):
@@ -356,34 +391,34 @@ class Trainer:
             loss, total, count = self._forward(self.engine, batch)
             if fault is not None:  # fault injection for tests: this rank's loss scaled (or NaN)
                 loss, total = loss * fault, total * fault
-            loss_sum += total.item()
-            tokens += count.item()
+            loss_sum += total.to(dev, torch.float64)
+            tokens += count.to(dev, torch.float64)
             if micro == self.gas - 1:
-                loss_sum, tokens = self._reduce_dp(loss_sum, tokens)
-                reason = self._agree(self.guard.before_update(loss_sum / max(tokens, 1.0)))
-                if reason and self.guard.poison:
+                shared = self._share(loss_sum, tokens)
+                if self.guard.poison:
                     # non-finite gradients make every engine drop the update (DeepSpeed's
                     # overflow skip under ZeRO 1-3, _drop_update under ZeRO-0)
-                    loss = loss * float("nan")
+                    bad = self.guard.device_bad(shared[0] / shared[1].clamp(min=1.0))
+                    loss = loss * torch.where(bad, float("nan"), 1.0).to(loss)
             self.engine.backward(loss)
             dropping = False
             if (
                 self.cfg.deepspeed.zero_stage == 0
                 and self.engine.is_gradient_accumulation_boundary()
             ):
-                norm = grad_norm(self.engine.module, self.mpu)  # ZeRO-0 reports none itself
-                dropping = not math.isfinite(norm)
+                # ZeRO-0 reports no norm itself
+                read = self._read(shared, grad_norm(self.engine.module, self.mpu))
+                dropping = not math.isfinite(read.grad_norm)
                 if dropping:
                     self._drop_update()
             self.engine.step()
             if dropping:
                 del self.engine.optimizer.step  # the class's own step again
                 self.engine.optimizer.overflow = False
-        if norm is None:
-            norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        if read is None:
+            read = self._read(shared, self.engine.get_global_grad_norm())
         dropped = self.engine.skipped_steps > skipped_before
-        return loss_sum / max(tokens, 1.0), norm, reason, dropped
+        return read, self.guard.before_update(read.loss), dropped
 
     def _drop_update(self) -> None:
         """ZeRO-0, for the coming ``engine.step()``: the optimizer step is a no-op (gradients
@@ -396,14 +431,6 @@ class Trainer:
         opt.step = lambda *args, **kwargs: None
         opt.overflow = True
 
-    def _agree(self, reason: str | None) -> str | None:
-        """Every rank takes the same decision (any rank objecting counts)."""
-        flag = torch.tensor([1 if reason else 0], device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and reason is None:
-            return "another rank found the step bad"
-        return reason
-
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.engine.eval()
@@ -412,13 +439,14 @@ class Trainer:
         for length, ds in sets:
             if ds is None:
                 continue
-            loss_sum, tokens = 0.0, 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=comm_device())
+            tokens = torch.zeros_like(loss_sum)
             for i, batch in enumerate(self._batches(ds, 0)):
                 if i >= max(1, self.cfg.train.eval_iters):
                     break
                 _, total, count = self._forward(self.engine, batch)
-                loss_sum += total.item()
-                tokens += count.item()
+                loss_sum += total.to(loss_sum)
+                tokens += count.to(tokens)
             loss_sum, tokens = self._reduce_dp(loss_sum, tokens)
             key = "val_loss" if length == self.cfg.train.seq_length else f"val_loss@{length}"
             out[key] = loss_sum / max(tokens, 1.0)
@@ -428,7 +456,7 @@ class Trainer:
 
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
-        stop = StopSignal()
+        self.stop = StopSignal()
         metrics = self.metrics = MetricsLogger(
             self.run_dir, self.rank, t.steps, self.step, cfg.run.tensorboard, wandb=cfg.run.wandb
         )
@@ -439,8 +467,10 @@ class Trainer:
         try:
             while self.step < t.steps:
                 lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm, reason, dropped = self.train_step(it)
-                self.finish_save(if_written=True)
+                read, reason, dropped = self.train_step(it)
+                if self.pending is not None and not read.writing:
+                    self.finish_save()  # every rank's writer is done
+                loss, grad_norm = read.loss, read.grad_norm
                 verdict = self.guard.after_update(reason, loss, grad_norm, dropped)
                 self.step += 1
                 self.consumed_samples += t.global_batch_size
@@ -460,6 +490,8 @@ class Trainer:
                 }
                 console = self.step % cfg.run.log_interval == 0 or self.step == 1
                 metrics.train_step(record, fpt, console or verdict.bad)
+                if self.step % cfg.run.log_interval == 0:
+                    metrics.flush()  # the batch to the writer thread; the step does not wait
                 if verdict.stop:
                     # nothing of this step is saved: the last good checkpoint stays latest
                     exit_code = NONFINITE_EXIT_CODE
@@ -470,13 +502,14 @@ class Trainer:
                 if verdict.bad:
                     log.warning("step %d: %s; update dropped (%d in a row, %d in all)", self.step,
                                 verdict.reason, self.guard.consecutive, self.guard.total_skipped)  # fmt: skip
-                stopping = stop.any_rank()  # before an evaluation: a stop saves at once
+                stopping = read.stopping  # before an evaluation: a stop saves at once
                 evaluating = t.eval_interval and (
                     self.step % t.eval_interval == 0 or self.step == t.steps
                 )
                 if evaluating and not stopping:
                     val = self.evaluate()
                     metrics.write({"step": self.step, **val})
+                    metrics.flush(wait=True)
                     log.info("step %d validation: %s", self.step, val)
                     timer.lap()
                 at_exit = t.exit_at_step is not None and self.step >= t.exit_at_step
