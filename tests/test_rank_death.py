@@ -27,7 +27,8 @@ STEPS = 150  # tiny steps take ~30 ms: long enough to kill a rank mid-run
 def rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     text = path.read_text() if path.exists() else ""
-    return [json.loads(x) for x in text.splitlines() if x.strip()]
+    recs = [json.loads(x) for x in text.splitlines() if x.strip()]
+    return [r for r in recs if "save_total_s" not in r]  # one per step, not the saves' timings
 
 
 def trainer_pid(rank: int, under: int | None = None) -> int | None:

@@ -50,7 +50,7 @@ def checkpoint_full_state(path: Path) -> dict:
     path = Path(path)
     full = path / FULL_MODEL_FILE
     if full.is_file():
-        return torch.load(full, map_location="cpu", weights_only=False)["state_dict"]
+        return torch.load(full, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
     if any(path.glob("zero_pp_rank_*_model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -64,7 +64,10 @@ def checkpoint_full_state(path: Path) -> dict:
     split = (layout.read(path) or {}).get("tensor_parallel")
     if len(files) > 1 and split is None:
         raise FileNotFoundError(f"{path}: {len(files)} TP ranks but no split dims in layout.json")
-    states = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    # memory-mapped: each tensor is read from its file as it is joined (the host holds the
+    # joined state, not the TP ranks' files besides it)
+    states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["module"]
+              for f in files]  # fmt: skip
     state = join_states(states, {k: tuple(v) for k, v in (split or {}).items()})
     return {k: v for k, v in state.items() if v is not None}  # megatron's empty _extra_state
 
