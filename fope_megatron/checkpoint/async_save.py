@@ -6,7 +6,9 @@ engine queues it for one writer thread (``torch.save``, ``fsync``, the CRC-32 of
 they are written), so each rank checksums the files it wrote and nothing else: the manifest
 costs no read of the filesystem. With ``staging`` on, ``save`` first copies the state to host
 memory (training goes on changing the live tensors) and returns: the write overlaps the
-following steps. The engine says it is *decoupled*, so DeepSpeed does not
+following steps. The host buffers are kept and reused by the next save (pinned on a GPU), so a
+save costs one copy into memory already mapped, and the rank holds about its own checkpoint
+bytes in host memory from the first asynchronous save on. The engine says it is *decoupled*, so DeepSpeed does not
 commit at the end of ``save_checkpoint``, and it never offers a commit itself
 (``get_commit_info`` is None): ``store.Pending.finish`` waits for the writer (``wait``) once
 every rank's writer is idle (or at once, for a synchronous save), then writes the manifest,
@@ -26,21 +28,29 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 
-def snapshot(obj, memo: dict | None = None):
+def snapshot(obj, memo: dict | None = None, reuse: list | None = None, made: list | None = None):
     """``obj`` with every tensor copied to host memory (one copy per tensor object, so tensors
-    that are the same object stay shared)."""
+    that are the same object stay shared). ``reuse``: the host buffers the previous snapshot of
+    the same file made, in order, copied into where shape and dtype match (no allocation, no
+    page faults: the steady-state cost is one memory copy); ``made`` collects this one's."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
-            memo[id(obj)] = obj.detach().to("cpu", copy=True)
+            made = [] if made is None else made
+            old = reuse[len(made)] if reuse and len(made) < len(reuse) else None
+            if old is None or old.shape != obj.shape or old.dtype != obj.dtype:
+                pinned = obj.is_cuda  # pinned host memory: the copy overlaps, no bounce buffer
+                old = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=pinned)
+            memo[id(obj)] = old.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            made.append(old)
         return memo[id(obj)]
     if isinstance(obj, dict):
         out = type(obj)() if type(obj) is not dict else {}
         for k, v in obj.items():
-            out[k] = snapshot(v, memo)
+            out[k] = snapshot(v, memo, reuse, made)
         return out
     if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(snapshot(v, memo) for v in obj)
+        return type(obj)(snapshot(v, memo, reuse, made) for v in obj)
     return obj
 
 
@@ -54,6 +64,8 @@ class AsyncCheckpointEngine(CheckpointEngine):
         self.staging = False
         self.written: dict[str, dict] = {}  # path -> {"size", "crc32"} of the files written
         self.bytes_staged = 0
+        self._buffers: dict[str, list] = {}  # file name -> the host buffers of its last snapshot
+        self._inflight: set[str] = set()  # file names queued or being written
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -82,6 +94,8 @@ class AsyncCheckpointEngine(CheckpointEngine):
             finally:
                 with self._lock:
                     self._pending -= 1
+                    if item is not None:
+                        self._inflight.discard(os.path.basename(item[1]))
                 self._queue.task_done()
 
     def _raise(self) -> None:
@@ -107,10 +121,17 @@ class AsyncCheckpointEngine(CheckpointEngine):
     def save(self, state_dict, path: str) -> None:
         self._raise()
         if self.staging:
-            state_dict = snapshot(state_dict)
+            made, name = [], os.path.basename(path)
+            with self._lock:  # never into buffers the writer is still writing from
+                reuse = None if name in self._inflight else self._buffers.get(name)
+            state_dict = snapshot(state_dict, reuse=reuse, made=made)
+            self._buffers[name] = made
+            if any(t.is_pinned() for t in made):
+                torch.cuda.current_stream().synchronize()  # the copies are done before the write
             self.bytes_staged += sum(t.numel() * t.element_size() for t in _tensors(state_dict))
         with self._lock:
             self._pending += 1
+            self._inflight.add(os.path.basename(path))
         self._queue.put((state_dict, path))
 
     def commit(self, info) -> bool:
