@@ -29,6 +29,30 @@ def compute_dtype(cfg) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def megatron_fusions(cuda: bool | None = None) -> dict:
+    """The megatron-core fusions (``TransformerConfig`` keys) on for this device: the jit-fused
+    (``torch.compile``) bias + SwiGLU / GeLU and bias-dropout-add wherever CUDA is; the others
+    stay off because they do not apply to this stack:
+
+    - ``masked_softmax_fusion``: megatron's ``FusedScaleMaskSoftmax`` in its own core attention,
+      which the project's attentions (SDPA, TE, CP / Ulysses) replace;
+    - ``apply_rope_fusion``: megatron's rotary, which the FoPE / RoPE attention replaces with its
+      own fused kernel (``position.fusion``);
+    - ``gradient_accumulation_fusion``: writes ``main_grad`` (megatron's DDP), which DeepSpeed's
+      ZeRO never reads;
+    - ``persist_layer_norm``: Apex only.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return {
+        "bias_activation_fusion": cuda,
+        "bias_dropout_fusion": cuda,
+        "masked_softmax_fusion": False,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "persist_layer_norm": False,
+    }
+
+
 def transformer_config(cfg) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     dtype = compute_dtype(cfg)
@@ -54,12 +78,7 @@ def transformer_config(cfg) -> TransformerConfig:
         pipeline_dtype=dtype,
         use_cpu_initialization=True,
         perform_initialization=True,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **megatron_fusions(),
         softmax_scale=softmax_scale(cfg),  # YaRN concentration (None: 1/sqrt(d))
         **megatron_recompute_kwargs(cfg),  # train.recompute: megatron's own activation recompute
     )
@@ -195,6 +214,7 @@ def build_gpt(
 __all__ = [
     "build_gpt",
     "compute_dtype",
+    "megatron_fusions",
     "fope_config",
     "position_settings",
     "transformer_config",
