@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_known_warnings()
     from .config import load_config
-    from .train.trainer import preflight, train
+    from .train.preflight import preflight
+    from .train.trainer import train
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(ROOT / "configs" / "smoke.yaml", overrides)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from fope_megatron.testing import launch
+from fope_megatron.testing import faults, launch
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +124,8 @@ def test_exact_resume_is_bitwise(runs, corpus, tmp_path, stage):
 def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
     run_dir = tmp_path / "kill"
     common = [f"data.path=[{corpus}]", "train.steps=4", "train.save_interval=2"]
-    proc = launch.train(run_dir, common, extra_env={"FOPE_FAULT_KILL_IN_SAVE": "4"}, check=False)
+    kill = {"FOPE_FAULT_KILL_IN_SAVE": "4"}  # SIGKILL once step 4's files are written
+    proc = launch.train(run_dir, common, extra_env=kill, check=False, module=faults.MODULE)
     assert proc.returncode == -signal.SIGKILL
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000002"
@@ -138,7 +139,7 @@ def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
 
 
 def test_sigusr1_saves_and_exits_for_requeue(corpus, tmp_path):
-    from fope_megatron.train.trainer import REQUEUE_EXIT_CODE
+    from fope_megatron.train.signals import REQUEUE_EXIT_CODE
 
     run_dir = tmp_path / "sig"
     args = [*launch.TINY, f"run.dir={run_dir}", f"data.path=[{corpus}]", "train.steps=100000"]

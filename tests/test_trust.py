@@ -1,7 +1,7 @@
 """Trust: a diverged step is never saved, damaged checkpoints are skipped, changed settings on
 resume are applied or refused, held-out data is what the user gave. Real trainer processes, real
-files; faults are injected with FOPE_FAULT_LOSS (rank 0's loss of a step scaled or made NaN) and by
-truncating checkpoint files after they were written.
+files; faults are injected with FOPE_FAULT_LOSS (rank 0's loss of a step scaled or made NaN, under
+``fope_megatron.testing.faults``) and by truncating checkpoint files after they were written.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fope_megatron.testing import launch
+from fope_megatron.testing import faults, launch
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -28,7 +28,7 @@ def test_diverged_run_stops_unsaved_and_keeps_the_last_good_checkpoint(corpus, t
     common = [f"data.path=[{corpus}]", "train.steps=8", "train.save_interval=2",
               "train.keep_last=1"]  # fmt: skip
     nan = {"FOPE_FAULT_LOSS": ",".join(f"{s}:nan" for s in range(5, 9))}  # NaN from step 5 on
-    proc = launch.train(run_dir, common, extra_env=nan, check=False)
+    proc = launch.train(run_dir, common, extra_env=nan, check=False, module=faults.MODULE)
     assert proc.returncode == NONFINITE_EXIT_CODE, proc.stderr[-3000:]
     status = json.loads((run_dir / "exit_status.json").read_text())
     assert status["reason"] == "nonfinite" and status["step"] == 5
@@ -54,7 +54,7 @@ def test_skip_drops_updates_the_same_under_zero0_and_zero1(corpus, tmp_path):
     for name, stage, launcher, nproc in (("z0", 0, "python", 1), ("z1", 1, "torchrun", 2)):
         run_dir = tmp_path / name
         launch.train(run_dir, [*common, f"deepspeed.zero_stage={stage}"], launcher, nproc,
-                     extra_env=env, check=False)  # fmt: skip
+                     extra_env=env, check=False, module=faults.MODULE)  # fmt: skip
         status = json.loads((run_dir / "exit_status.json").read_text())
         assert status["step"] == 8 and "3 consecutive" in status["detail"], status
         runs[name] = launch.metrics(run_dir)
@@ -72,7 +72,7 @@ def test_loss_spike_is_skipped(corpus, tmp_path):
     run_dir = tmp_path / "spike"
     overrides = [f"data.path=[{corpus}]", "train.steps=6", "train.on_nonfinite=skip",
                  "train.loss_spike=3", "train.loss_spike_window=2"]  # fmt: skip
-    launch.train(run_dir, overrides, extra_env={"FOPE_FAULT_LOSS": "4:20"})
+    launch.train(run_dir, overrides, extra_env={"FOPE_FAULT_LOSS": "4:20"}, module=faults.MODULE)
     recs = launch.metrics(run_dir)
     assert [r["skipped"] for r in recs] == [False, False, False, True, False, False]
     assert recs[3]["lr"] == recs[4]["lr"]

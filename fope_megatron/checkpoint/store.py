@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,18 +242,9 @@ def save(
     if extra is not None:
         extra(root / tag)
     pending = Pending(root, tag, step, keep_last)
-    if asynchronous:
-        _fault_kill(step)  # the writes in flight
-        return pending
-    pending.finish(engine)
+    if not asynchronous:
+        pending.finish(engine)
     return pending
-
-
-def _fault_kill(step: int) -> None:
-    if os.environ.get("FOPE_FAULT_KILL_IN_SAVE") == str(step):
-        # Fault injection for tests: a real SIGKILL after DeepSpeed's save call, before the
-        # checkpoint is marked complete (the worst moment for a kill).
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -282,8 +272,6 @@ class Pending:
         ``COMPLETE`` and ``latest`` and prunes. Collective."""
         wait = getattr(engine.checkpoint_engine, "wait", None)
         written = wait() if wait is not None else {}
-        if not getattr(engine.checkpoint_engine, "staging", False):
-            _fault_kill(self.step)
         root, tag = self.root, self.tag
         dist.barrier()  # every rank's files are written
         entries = checksum_shared(root / tag, written)

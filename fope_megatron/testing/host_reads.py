@@ -2,8 +2,9 @@
 
 ``python -m fope_megatron.testing.host_reads [fope-train args]`` (also under torchrun) installs
 the counters, then runs ``fope_megatron.train`` as ``__main__``; at exit each rank writes
-``FOPE_HOST_READS_OUT/rank<R>.json``: ``{"host": {site: n}, "collective": {site: n}}``. Production
-code never imports this module.
+``FOPE_HOST_READS_OUT/rank<R>.json``: ``{"host": {site: n}, "collective": {site: n}}``. The faults
+of ``testing/faults.py`` its variables ask for are installed too. Production code never imports
+this module.
 
 Counted as host reads (the calls that make the host wait for the device on a GPU):
 ``Tensor.item``, ``tolist``, ``numpy``, ``cpu``, ``__bool__``, ``__float__``, ``__int__``,
@@ -123,7 +124,10 @@ def per_step(short: dict[str, Counter], long: dict[str, Counter], steps: int) ->
 
 
 def main() -> None:
+    from . import faults
+
     install()
+    faults.install()
     sys.argv[0] = "fope-train"
     runpy.run_module("fope_megatron.train", run_name="__main__", alter_sys=True)
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings(args.verbose)
 
     from ..config import ConfigError, load_config
-    from .trainer import env_world_size, preflight
+    from .preflight import env_world_size, preflight
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -59,17 +59,37 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+class SkippableStep:
+    """Optimizer mixin: with ``skip_next_step`` set, the next ``step()`` changes nothing (no
+    update, no optimizer state) and clears the flag. The trainer sets it to drop a ZeRO-0 update
+    (``Trainer._drop_update``); DeepSpeed's bf16 wrappers call this step inside theirs, or drop a
+    non-finite step themselves without calling it."""
+
+    skip_next_step = False
+
+    def step(self, *args, **kwargs):
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(*args, **kwargs)
+
+
+def _skippable(cls: type) -> type:
+    return type(cls.__name__, (SkippableStep, cls), {"__module__": cls.__module__})
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (DeepSpeed's CPU Adam under ``deepspeed.offload``) whose step can be skipped."""
     t = cfg.train
     groups = param_groups(model, t.weight_decay)
     kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     if cfg.deepspeed.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        return _skippable(DeepSpeedCPUAdam)(groups, adamw_mode=True, **kwargs)
     if torch.cuda.is_available():
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=False, **kwargs)
+        return _skippable(torch.optim.AdamW)(groups, fused=True, **kwargs)
+    return _skippable(torch.optim.AdamW)(groups, foreach=False, **kwargs)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
@@ -81,15 +101,16 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
 
 
 def initialize(cfg: Config, model: torch.nn.Module, ds_config: dict, mpu):
-    """``deepspeed.initialize`` with our optimizer, schedule and megatron mpu adapter."""
+    """``deepspeed.initialize`` with our optimizer, schedule and megatron mpu adapter; the
+    schedule's ``optimizer`` is ours (the engine's may be DeepSpeed's wrapper around it)."""
     ensure_accelerator()
     import deepspeed
 
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
+    ours = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, ours)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
-        optimizer=optimizer,
+        optimizer=ours,
         lr_scheduler=scheduler,
         config=ds_config,
         mpu=mpu,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -15,31 +13,16 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import store as checkpoint
-from ..config import Config, ConfigError, check_data, check_vocab
+from ..config import Config
 from ..parallel.setup import comm_device
 from . import resume
+from .data import data_prefixes
 from .engine import grad_norm
 from .guard import NONFINITE_EXIT_CODE, Guard
 from .metrics import MetricsLogger, Timer, flops_per_token, setup_logging
+from .signals import REQUEUE_EXIT_CODE, StopSignal
 
 log = logging.getLogger("fope")
-
-REQUEUE_EXIT_CODE = 99
-"""Exit code after a signal-triggered save: the job should be requeued (Slurm scripts use it)."""
-SYNTHETIC_DOCS = 4000
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop saves at the end of the step where every rank has
-    learnt it (the flag travels in the step's one all-reduce, ``Trainer._share``) and exits."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.signum = signum
 
 
 class StepRead(NamedTuple):
@@ -49,59 +32,6 @@ class StepRead(NamedTuple):
     grad_norm: float  # nan where the engine reports none
     stopping: bool  # a stop signal reached some rank
     writing: bool  # some rank's asynchronous save is still being written
-
-
-def tokenizer_vocab(cfg: Config, prefixes: list[str]) -> int:
-    """The vocab the data was tokenized with (sidecar meta), or the configured tokenizer's."""
-    from ..data.preprocess import read_meta
-    from ..data.tokenizer import get_tokenizer
-
-    sizes = [m["vocab_size"] for m in (read_meta(p) for p in prefixes) if m]
-    if sizes:
-        return max(sizes)
-    return get_tokenizer(cfg.data.tokenizer).vocab_size
-
-
-def preflight(cfg: Config, world_size: int):
-    """Every check that needs no process group; raises ConfigError naming key and value."""
-    from ..data.integrity import check_data_files
-
-    dims = cfg.validate(world_size)
-    prefixes = check_data_files(cfg, check_data(cfg))
-    check_vocab(cfg, tokenizer_vocab(cfg, prefixes))
-    from ..checkpoint.manifest import CheckpointDamaged
-
-    try:  # names and sizes against their manifests; the ranks share the checksums later
-        found = checkpoint.resolve_resume(cfg.train.resume, cfg.run.dir, checksums=False)
-        if cfg.train.init_from and found is None:
-            checkpoint.resolve_resume(cfg.train.init_from, cfg.run.dir, checksums=False)
-    except CheckpointDamaged as err:
-        raise ConfigError(str(err)) from None
-    if found is not None:
-        from ..checkpoint import layout
-
-        layout.check(cfg, world_size, found[0] / found[1])  # a layout it cannot reshard fails here
-        resume.check(cfg, found[0] / found[1])  # train.resume_changes=refuse fails here
-    return dims
-
-
-def env_world_size() -> int:
-    env = os.environ
-    return int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
-
-
-def data_prefixes(cfg: Config, run_dir: Path, rank: int) -> list:
-    """``data.path`` as given, or the built-in corpus generated into RUN_DIR/data."""
-    if not cfg.data.synthetic:
-        return list(cfg.data.path)
-    from ..data.synthetic import build_synthetic_prefix
-
-    out = run_dir / "data"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        build_synthetic_prefix(out, num_docs=SYNTHETIC_DOCS, seed=cfg.run.seed)
-    dist.barrier()
-    return [build_synthetic_prefix(out, num_docs=SYNTHETIC_DOCS, seed=cfg.run.seed)]
 
 
 class Trainer:
@@ -385,12 +315,9 @@ class Trainer:
         tokens = torch.zeros((), dtype=torch.float64, device=dev)
         read = shared = None
         skipped_before = self.engine.skipped_steps
-        fault = _fault_factors("FOPE_FAULT_LOSS").get(self.step + 1) if self.rank == 0 else None
         for micro in range(self.gas):
             batch = next(it)
             loss, total, count = self._forward(self.engine, batch)
-            if fault is not None:  # fault injection for tests: this rank's loss scaled (or NaN)
-                loss, total = loss * fault, total * fault
             loss_sum += total.to(dev, torch.float64)
             tokens += count.to(dev, torch.float64)
             if micro == self.gas - 1:
@@ -413,23 +340,24 @@ class Trainer:
                     self._drop_update()
             self.engine.step()
             if dropping:
-                del self.engine.optimizer.step  # the class's own step again
                 self.engine.optimizer.overflow = False
+                # cleared where a DeepSpeed wrapper (bf16) dropped the step itself before ours
+                self.scheduler.optimizer.skip_next_step = False
         if read is None:
             read = self._read(shared, self.engine.get_global_grad_norm())
         dropped = self.engine.skipped_steps > skipped_before
         return read, self.guard.before_update(read.loss), dropped
 
     def _drop_update(self) -> None:
-        """ZeRO-0, for the coming ``engine.step()``: the optimizer step is a no-op (gradients
-        zeroed so the engine's clipping stays finite) and ``optimizer.overflow``, the flag
-        DeepSpeed's engine reads after a step, makes it count a skipped step and hold the lr."""
+        """ZeRO-0, for the coming ``engine.step()``: our optimizer skips that step
+        (``engine.SkippableStep``; gradients zeroed so the engine's clipping stays finite) and
+        ``optimizer.overflow``, the flag DeepSpeed's engine reads after a step, makes it count a
+        skipped step and hold the lr."""
         for p in self.engine.module.parameters():
             if p.grad is not None:
                 p.grad.zero_()
-        opt = self.engine.optimizer
-        opt.step = lambda *args, **kwargs: None
-        opt.overflow = True
+        self.scheduler.optimizer.skip_next_step = True  # ours, inside the engine's
+        self.engine.optimizer.overflow = True
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -543,17 +471,10 @@ class Trainer:
             log.info("exit: %s", status)
 
 
-def _fault_factors(name: str) -> dict[int, float]:
-    """``{step: factor}`` from the environment variable ``name`` (``"5:nan,7:10"``): fault
-    injection for tests (rank 0's loss of that step times the factor)."""
-    items = (x.split(":") for x in os.environ.get(name, "").split(",") if x.strip())
-    return {int(step): float(factor) for step, factor in items}
-
-
 def train(cfg: Config) -> int:
     """Run training for ``cfg`` in this process (one rank); returns the exit code."""
     trainer = Trainer(cfg)
     return trainer.run()
 
 
-__all__ = ["REQUEUE_EXIT_CODE", "ConfigError", "Trainer", "preflight", "train"]
+__all__ = ["Trainer", "train"]
