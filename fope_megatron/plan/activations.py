@@ -37,8 +37,8 @@ saves); recompute does not touch them.
 
 from __future__ import annotations
 
-from .model.recompute import resolved_num_layers
-from .model.vocab import padded_vocab_size
+from ..model.recompute import resolved_num_layers
+from ..model.vocab import padded_vocab_size
 
 
 def layer_bytes(cfg, dims, count, flash: bool = True, selective: bool = False) -> float:

@@ -24,7 +24,7 @@ from fope_megatron.coerce import coerce, unknown_message
 from fope_megatron.errors import ConfigError
 from fope_megatron.parallel.dims import ParallelDims
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 @dataclass
@@ -437,7 +437,7 @@ def _check_sections(c: Config) -> None:
         _fail("position.beta_fast", p.beta_fast, f"must be > position.beta_slow={p.beta_slow}")
     _check_deepspeed(c)
     _check_data_section(c)
-    from .model.recompute import check_recompute
+    from ..model.recompute import check_recompute
 
     check_recompute(c)
 

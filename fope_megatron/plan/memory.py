@@ -27,7 +27,7 @@ see ``ParallelDims.dp_shard``):
 - Activations of one micro-batch (bf16, Korthikanti et al. 2022 generalised to GQA/SwiGLU, with
   ``train.recompute`` applied: selective drops the attention-score terms, full keeps each
   checkpointed chunk's input plus one chunk's activations) and the logits: the formulas are in
-  ``fope_megatron/plan_activations.py``. Default ``--attention flash`` stores no score matrix.
+  ``fope_megatron/plan/activations.py``. Default ``--attention flash`` stores no score matrix.
 - A fixed ``--overhead-gb`` (default 3) for the CUDA context, NCCL and DeepSpeed communication
   buckets and allocator fragmentation.
 """
@@ -45,12 +45,12 @@ from typing import Any
 
 import torch
 
-from fope_megatron.compat.warnings import add_verbose_flag, quiet_known_warnings
-from fope_megatron.config import Config, ConfigError, load_config
-from fope_megatron.fope import base_frequencies, default_d_out, floor_frequencies
-from fope_megatron.model.vocab import padded_vocab_size
-from fope_megatron.parallel.dims import ParallelDims
-from fope_megatron.plan_activations import activation_bytes
+from ..compat.warnings import add_verbose_flag, quiet_known_warnings
+from ..config import Config, ConfigError, load_config
+from ..fope import base_frequencies, default_d_out, floor_frequencies
+from ..model.vocab import padded_vocab_size
+from ..parallel.dims import ParallelDims
+from .activations import activation_bytes
 
 GIB = 1024**3
 HEADER = re.compile(r"^#\s*fope-plan:\s*(.*)$", re.MULTILINE)
@@ -131,7 +131,7 @@ def fope_shape(cfg: Config, tp: int = 1) -> FoPEShape | None:
     head_dim = m.hidden_size // m.num_attention_heads
     d_r = int(head_dim * m.rotary_percent)
     seq = f.train_seq_len or cfg.train.seq_length
-    from .model.builder import position_frequencies
+    from ..model.builder import position_frequencies
 
     scaled = position_frequencies(cfg)
     w = base_frequencies(d_r, float(m.rotary_base)) if scaled is None else torch.tensor(scaled)
