@@ -50,6 +50,7 @@ def _cases(tmp: Path) -> dict[str, tuple[str, list[str]]]:
         "fope-plan 7B -v": ("fope-plan", [*plan, "-v"]),
         "fope-preprocess": ("fope-preprocess", ["--input", str(docs), "--output-prefix", str(tmp / "out")]),
         "fope-train --dry-run": ("fope-train", ["--config", str(REPO / "configs" / "smoke.yaml"), "--dry-run"]),
+        "fope-train --help-config": ("fope-train", ["--help-config"]),
     })  # fmt: skip
     return cases
 
@@ -81,6 +82,7 @@ QUIET = [f"{s} --help" for s in SCRIPTS] + [
     "fope-plan 7B",
     "fope-preprocess",
     "fope-train --dry-run",
+    "fope-train --help-config",
 ]
 
 
@@ -101,3 +103,23 @@ def test_verbose_shows_library_warnings(outputs) -> None:
     quiet, loud = outputs["fope-plan 7B"].stdout, outputs["fope-plan 7B -v"].stdout
     assert "Transformer Engine and Apex are not installed" in loud
     assert quiet.strip() and quiet.strip() in loud  # the plan itself is the same
+
+
+def test_help_config_lists_the_keys_and_exits_0(outputs) -> None:
+    proc = outputs["fope-train --help-config"]
+    assert proc.returncode == 0, proc.stdout
+    assert "train.precision  (Literal['auto', 'fp32', 'bf16'], default \"auto\")" in proc.stdout
+
+
+def test_plan_runs_as_a_module(outputs) -> None:
+    """``python -m fope_megatron.plan`` is the ``fope-plan`` console script."""
+    cfg = str(REPO / "configs" / "llama_7b_fope.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV and k != "PYTHONWARNINGS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fope_megatron.plan", "--config", cfg],
+        env=env, text=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    script = outputs["fope-plan 7B"]
+    assert proc.returncode == script.returncode
+    assert proc.stdout.strip() == script.stdout.strip()

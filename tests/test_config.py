@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -406,3 +407,72 @@ def test_ulysses_needs_kv_groups_divisible() -> None:
         None, ["model.num_attention_heads=8", "model.num_query_groups=4", "parallel.ulysses=4",
                "train.global_batch_size=8"]
     ).validate(4)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- derived values
+
+
+def test_derived_values_are_properties_of_the_sections() -> None:
+    cfg = load_config(
+        None,
+        ["model.hidden_size=96", "model.num_attention_heads=4", "model.rotary_percent=0.5"],
+    )
+    assert cfg.model.head_dim == 24 and cfg.model.rotary_dim == 12
+    assert cfg.model.kv_groups == 4  # MHA when num_query_groups is unset
+    cfg.model.num_query_groups = 2
+    assert cfg.model.kv_groups == 2
+    assert cfg.fope_train_seq_len == cfg.train.seq_length == 512  # resolved from train
+    raw = Config()  # unresolved: the None fields fall back as the properties say
+    raw.train.seq_length = 300
+    assert raw.fope_train_seq_len == 300 and raw.original_max_positions == 300
+    raw.fope.train_seq_len = 200
+    assert raw.fope_train_seq_len == 200 and raw.original_max_positions == 200
+    raw.position.original_max_position_embeddings = 100
+    assert raw.original_max_positions == 100
+
+
+def test_to_fope_config_maps_every_fope_key() -> None:
+    cfg = load_config(
+        None,
+        ["model.num_query_groups=2", "fope.sigma=0.5", "fope.d_out=3", "fope.interleaved=true",
+         "fope.shared_across_layers=true", "fope.zero_freq_sin=0", "run.seed=7"],
+    )  # fmt: skip
+    f = cfg.to_fope_config()
+    assert (f.head_dim, f.num_query_groups, f.rotary_dim) == (32, 2, 32)
+    assert (f.train_seq_len, f.seed) == (cfg.train.seq_length, 7)
+    assert (f.sigma, f.d_out, f.zero_freq_sin) == (0.5, 3, 0.0)
+    assert f.interleaved and f.shared_across_layers and not f.learnable
+    assert f.num_layers == cfg.model.num_layers and f.rotary_base == cfg.model.rotary_base
+
+
+# ----------------------------------------------------------------------------- --help-config
+
+
+def test_every_config_field_is_documented() -> None:
+    from fope_megatron.config import field_docs
+
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            doc = docs.get(f.name, "")
+            assert doc and "\n" not in doc, f"{section.name}.{f.name} has no docstring"
+
+
+def test_help_config_prints_every_key_and_starts_no_process_group(capsys) -> None:
+    import torch.distributed as dist
+
+    from fope_megatron.config import describe_fields
+    from fope_megatron.train.__main__ import main
+
+    assert main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    rows = describe_fields()
+    cfg = Config()
+    assert len(rows) == sum(
+        len(dataclasses.fields(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)
+    )
+    for key, kind, default, doc in rows:
+        assert f"  {key}  ({kind}, default {json.dumps(default)})\n      {doc}\n" in out + "\n"
+    assert "train.precision  (Literal['auto', 'fp32', 'bf16'], default \"auto\")" in out
+    assert not dist.is_initialized()

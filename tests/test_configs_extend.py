@@ -8,7 +8,7 @@ import torch
 
 from fope_megatron.config import load_config
 from fope_megatron.fope import FourierPositionEmbedding
-from fope_megatron.model.builder import fope_config, position_frequencies
+from fope_megatron.model.builder import position_frequencies
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def fope_shape(cfg):
     f = position_frequencies(cfg)
     m = FourierPositionEmbedding(
-        fope_config(cfg, 64), layers=[0], frequencies=None if f is None else torch.tensor(f)
+        cfg.to_fope_config(), layers=[0], frequencies=None if f is None else torch.tensor(f)
     )
     return m.d_in, m.d_out
 

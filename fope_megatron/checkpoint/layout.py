@@ -55,7 +55,7 @@ def layout_of(cfg, world_size: int) -> dict:
         "dtype": str(compute_dtype(cfg)).removeprefix("torch."),
         "model": {
             **{k: getattr(cfg.model, k) for k in MODEL_KEYS},
-            "num_query_groups": cfg.model.num_query_groups or cfg.model.num_attention_heads,
+            "num_query_groups": cfg.model.kv_groups,
             "ffn_hidden_size": cfg.model.ffn_hidden_size or 4 * cfg.model.hidden_size,
         },
         "fope": _fope_shapes(cfg) if cfg.model.position_embedding == "fope" else {},
@@ -67,9 +67,8 @@ def _fope_shapes(cfg) -> dict:
     are frozen buffers, which a universal checkpoint does not carry: the resuming run rebuilds
     them from these)."""
     from ..fope.math import base_frequencies, default_d_out, floor_frequencies
-    from ..model.builder import fope_config
 
-    f = fope_config(cfg, cfg.model.hidden_size // cfg.model.num_attention_heads)
+    f = cfg.to_fope_config()
     w = base_frequencies(f.rotary_dim, f.rotary_base)
     _, d_in = floor_frequencies(w, f.train_seq_len, f.floor_ratio)
     d_out = default_d_out(d_in, f.rotary_dim) if f.d_out is None else min(f.d_out, d_in)

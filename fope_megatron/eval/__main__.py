@@ -67,7 +67,7 @@ def _report(args, cfg, path, params, ppl, passkey, span, **details) -> dict:
         args.out,
         perplexity=ppl,
         passkey=passkey,
-        train_seq_len=cfg.fope.train_seq_len or cfg.train.seq_length,
+        train_seq_len=cfg.fope_train_seq_len,
         checkpoint=str(path),
         position_embedding=cfg.model.position_embedding,
         params=params,
@@ -93,7 +93,7 @@ def _evaluate_scaled(args, cfg, model, path, tokenizer, tokens, lengths, n_token
     from .perplexity import evaluate_perplexity
     from .scaled import build_scaled_model, scaling_factor
 
-    train_len = cfg.fope.train_seq_len or cfg.train.seq_length
+    train_len = cfg.fope_train_seq_len
     state = checkpoint_full_state(path)
     params = sum(p.numel() for p in model.parameters())
     del model

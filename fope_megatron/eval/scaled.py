@@ -50,12 +50,9 @@ def scaled_eval_config(cfg, mode: str, factor: float, length: int):
     m = cfg.model
     if m.position_embedding not in ("rope", "fope"):
         raise ValueError(f"position scaling needs a rope or fope model, got {m.position_embedding}")
-    train_len = cfg.fope.train_seq_len or cfg.train.seq_length
-    pos = cfg.position
-    original = pos.original_max_position_embeddings or train_len
-    head_dim = m.hidden_size // m.num_attention_heads
+    train_len, pos = cfg.fope_train_seq_len, cfg.position
     w = scaled_frequencies(
-        int(head_dim * m.rotary_percent), float(m.rotary_base), mode, factor, original,
+        m.rotary_dim, float(m.rotary_base), mode, factor, cfg.original_max_positions,
         pos.beta_fast, pos.beta_slow, seq_len=length,
     )  # fmt: skip
     yarn = mode == "yarn" and factor > 1.0

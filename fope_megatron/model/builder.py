@@ -12,7 +12,6 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..fope import FoPEConfig
 from ..fope.fusion import resolve_fusion
 from .attention import PositionalSelfAttention, PositionSettings
 from .recompute import megatron_recompute_kwargs
@@ -23,7 +22,7 @@ log = logging.getLogger("fope")
 
 
 def compute_dtype(cfg) -> torch.dtype:
-    precision = getattr(cfg.train, "precision", "auto")
+    precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     return torch.bfloat16 if precision == "bf16" else torch.float32
@@ -60,9 +59,9 @@ def transformer_config(cfg) -> TransformerConfig:
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        num_query_groups=m.kv_groups,
         ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        kv_channels=m.head_dim,
         normalization=m.normalization,
         gated_linear_unit=m.swiglu,
         activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
@@ -84,44 +83,21 @@ def transformer_config(cfg) -> TransformerConfig:
     )
 
 
-def fope_config(cfg, head_dim: int) -> FoPEConfig:
-    m, f = cfg.model, cfg.fope
-    return FoPEConfig(
-        head_dim=head_dim,
-        train_seq_len=f.train_seq_len or cfg.train.seq_length,
-        num_attention_heads=m.num_attention_heads,
-        num_layers=m.num_layers,
-        num_query_groups=m.num_query_groups or m.num_attention_heads,
-        rotary_percent=m.rotary_percent,
-        rotary_base=float(m.rotary_base),
-        floor_ratio=f.floor_ratio,
-        sigma=f.sigma,
-        seed=cfg.run.seed if f.seed is None else f.seed,
-        learnable=f.learnable,
-        zero_freq_sin=float(f.zero_freq_sin),
-        d_out=f.d_out,
-        interleaved=f.interleaved,
-        shared_across_layers=f.shared_across_layers,
-    )
-
-
 def position_fusion(cfg) -> str:
     """``position.fusion`` resolved for this machine and kind (``torch`` | ``triton`` | ``te``)."""
-    requested = getattr(getattr(cfg, "position", None), "fusion", "torch")
-    return resolve_fusion(requested, cfg.model.position_embedding)
+    return resolve_fusion(cfg.position.fusion, cfg.model.position_embedding)
 
 
 def position_settings(cfg, frequencies: tuple[float, ...] | None = None) -> PositionSettings:
     m = cfg.model
-    head_dim = m.hidden_size // m.num_attention_heads
     kind = m.position_embedding
     return PositionSettings(
         fusion=position_fusion(cfg),
         kind=kind,
-        rotary_dim=int(head_dim * m.rotary_percent),
+        rotary_dim=m.rotary_dim,
         rotary_base=float(m.rotary_base),
         interleaved=cfg.fope.interleaved,
-        fope=fope_config(cfg, head_dim) if kind == "fope" else None,
+        fope=cfg.to_fope_config() if kind == "fope" else None,
         frequencies=frequencies,
     )
 
@@ -133,14 +109,12 @@ def position_frequencies(cfg) -> tuple[float, ...] | None:
         return None
     from ..fope.scaling import scaled_frequencies
 
-    m = cfg.model
-    head_dim = m.hidden_size // m.num_attention_heads
     w = scaled_frequencies(
-        int(head_dim * m.rotary_percent),
-        float(m.rotary_base),
+        cfg.model.rotary_dim,
+        float(cfg.model.rotary_base),
         pos.scaling,
         pos.factor,
-        pos.original_max_position_embeddings or cfg.fope.train_seq_len or cfg.train.seq_length,
+        cfg.original_max_positions,
         pos.beta_fast,
         pos.beta_slow,
     )
@@ -155,9 +129,8 @@ def softmax_scale(cfg) -> float | None:
         return None
     from ..fope.scaling import yarn_concentration
 
-    head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
     m = yarn_concentration(pos.factor, pos.mscale, pos.mscale_all_dim)
-    return m * m / head_dim**0.5
+    return m * m / cfg.model.head_dim**0.5
 
 
 def build_gpt(
@@ -188,7 +161,7 @@ def build_gpt(
         normalization=cfg.model.normalization,
         use_transformer_engine=use_transformer_engine,
         cp=cfg.parallel.cp,
-        ulysses=getattr(cfg.parallel, "ulysses", 1),
+        ulysses=cfg.parallel.ulysses,
     )
     torch.manual_seed(cfg.run.seed)
     model = GPTModel(
@@ -215,7 +188,6 @@ __all__ = [
     "build_gpt",
     "compute_dtype",
     "megatron_fusions",
-    "fope_config",
     "position_settings",
     "transformer_config",
     "transformer_engine_usable",

@@ -1,6 +1,7 @@
-"""Activation recompute: ``train.recompute`` checked and turned into megatron-core's own settings.
+"""Activation recompute: ``train.recompute`` turned into megatron-core's own settings (the
+settings are checked with the config: ``config/validate.py``'s ``check_recompute``).
 
-No heavy imports, so config validation (before any process group) and fope-plan can use it.
+No heavy imports, so fope-plan can use it.
 
 ``train.recompute`` maps onto ``TransformerConfig.recompute_granularity``:
 
@@ -28,40 +29,6 @@ def resolved_num_layers(cfg) -> int | None:
     if t.recompute_num_layers is not None:
         return t.recompute_num_layers
     return 1 if t.recompute_method == "uniform" else cfg.model.num_layers
-
-
-def check_recompute(cfg) -> None:
-    """Raise ``ConfigError`` for recompute settings megatron would reject or ignore.
-
-    Raises:
-        ConfigError: naming the key, the value and what is allowed.
-    """
-    from ..errors import ConfigError
-
-    t, layers = cfg.train, cfg.model.num_layers
-    n = t.recompute_num_layers
-    if t.recompute != "full":
-        for key, value, default in (
-            ("recompute_num_layers", n, None),
-            ("recompute_method", t.recompute_method, "uniform"),
-        ):
-            if value != default:
-                raise ConfigError(
-                    f"train.{key}={value!r} has no effect with train.recompute={t.recompute!r}; "
-                    f"set train.recompute=full or leave train.{key} unset"
-                )
-        return
-    if n is not None and not 1 <= n <= layers:
-        raise ConfigError(
-            f"train.recompute_num_layers={n} is out of range: must be between 1 and "
-            f"model.num_layers={layers} (or null for the default)"
-        )
-    if n is not None and t.recompute_method == "uniform" and layers % n:
-        raise ConfigError(
-            f"train.recompute_num_layers={n} must divide model.num_layers={layers} with "
-            "train.recompute_method=uniform (layers are recomputed in chunks of that many); "
-            "pick a divisor or use train.recompute_method=block"
-        )
 
 
 def megatron_recompute_kwargs(cfg) -> dict[str, Any]:

@@ -53,8 +53,7 @@ def layer_bytes(cfg, dims, count, flash: bool = True, selective: bool = False) -
     """
     m, t = cfg.model, dims.tp
     h, a = m.hidden_size, m.num_attention_heads
-    d = h // a
-    kv = (m.num_query_groups or a) * d
+    kv = m.kv_groups * m.head_dim
     f = m.ffn_hidden_size or 4 * h
     b = cfg.train.micro_batch_size
     s = cfg.train.seq_length // (dims.cp * dims.ulysses)
@@ -71,7 +70,7 @@ def layer_bytes(cfg, dims, count, flash: bool = True, selective: bool = False) -
         if selective:  # the apply is checkpointed: its bf16 q and k inputs stay, tables go
             per_layer += s * b * 2 * (h + kv) / t
         else:
-            d_r = int(d * m.rotary_percent)
+            d_r = m.rotary_dim
             groups = count.fope.groups if count.fope else 1
             per_layer += 2 * (cfg.train.seq_length // dims.cp) * groups * d_r * 4
     return per_layer

@@ -19,12 +19,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="validate the config and layout for WORLD_SIZE ranks, print them, and exit",
     )
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="print every config key with its type, default and documentation, and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     from ..compat.warnings import add_verbose_flag, quiet_known_warnings
 
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     quiet_known_warnings(args.verbose)
+    if args.help_config:  # the schema only: no config file, no process group
+        from ..config import help_text
+
+        print(help_text())
+        return 0
 
     from ..config import ConfigError, load_config
     from .preflight import env_world_size, preflight

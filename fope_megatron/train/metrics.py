@@ -65,9 +65,8 @@ def flops_per_token(cfg) -> float:
 
     m = cfg.model
     h, seq = m.hidden_size, cfg.train.seq_length
-    head_dim = h // m.num_attention_heads
-    q_width = m.num_attention_heads * head_dim
-    kv_width = (m.num_query_groups or m.num_attention_heads) * head_dim
+    q_width = m.num_attention_heads * m.head_dim
+    kv_width = m.kv_groups * m.head_dim
     ffn = m.ffn_hidden_size or 4 * h
     projections = h * (q_width + 2 * kv_width) + q_width * h
     mlp = (3 if m.swiglu else 2) * h * ffn

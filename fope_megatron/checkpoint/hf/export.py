@@ -37,18 +37,15 @@ def fope_block(cfg, state: dict) -> dict:
     from ...model.builder import softmax_scale
 
     m, f, pos = cfg.model, cfg.fope, cfg.position
-    head_dim = m.hidden_size // m.num_attention_heads
     block = {
         "kind": m.position_embedding,
-        "rotary_dim": int(head_dim * m.rotary_percent),
+        "rotary_dim": m.rotary_dim,
         "rotary_percent": m.rotary_percent,
         "rope_theta": float(m.rotary_base),
         "interleaved": bool(f.interleaved),
         "scaling": pos.scaling,
         "factor": pos.factor,
-        "original_max_position_embeddings": pos.original_max_position_embeddings
-        or f.train_seq_len
-        or cfg.train.seq_length,
+        "original_max_position_embeddings": cfg.original_max_positions,
         "beta_fast": pos.beta_fast,
         "beta_slow": pos.beta_slow,
         "mscale": pos.mscale,
@@ -60,7 +57,7 @@ def fope_block(cfg, state: dict) -> dict:
         block.update(
             sigma=f.sigma,
             floor_ratio=f.floor_ratio,
-            train_seq_len=f.train_seq_len or cfg.train.seq_length,
+            train_seq_len=cfg.fope_train_seq_len,
             d_in=int(coef.shape[-2]),
             d_out=int(coef.shape[-1]),
             zero_freq_sin=float(f.zero_freq_sin),
@@ -80,7 +77,6 @@ def hf_config(cfg, state: dict, vocab_size: int, dtype: torch.dtype, special: di
             "a Llama model (RMSNorm + SwiGLU); other architectures are not supported"
         )
     tconf = transformer_config(cfg)
-    head_dim = m.hidden_size // m.num_attention_heads
     tied = not m.untie_embeddings
     return {
         "architectures": ["FoPELlamaForCausalLM"],
@@ -94,8 +90,8 @@ def hf_config(cfg, state: dict, vocab_size: int, dtype: torch.dtype, special: di
         "intermediate_size": tconf.ffn_hidden_size,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-        "head_dim": head_dim,
+        "num_key_value_heads": m.kv_groups,
+        "head_dim": m.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": tconf.layernorm_epsilon,
         "rope_theta": float(m.rotary_base),
