@@ -72,3 +72,23 @@ def test_tp2_checkpoint_is_joined_consolidated_and_the_old_format_loads(corpus, 
     assert (universal / "COMPLETE").is_file() and not manifest.problems(universal)
     merged = torch.load(universal / "zero" / qkv / "fp32.pt", weights_only=False)["param"]
     assert torch.equal(merged, joined[qkv].float())  # merged over TP from the ZeRO partitions
+
+
+def test_zero3_tp2_resumes_and_its_partitions_join_to_the_one_process_model(corpus, tmp_path):
+    base = [f"data.path=[{corpus}]", "train.steps=4", "model.num_query_groups=2"]
+    train(tmp_path / "one", [*base, "deepspeed.zero_stage=1"], "python", 1, timeout=600)
+    z3 = [*base, "parallel.tp=2", "deepspeed.zero_stage=3"]
+    run = tmp_path / "z3tp2"
+    train(run, [*z3, "train.exit_at_step=2"], "torchrun", 2, timeout=600)
+    train(run, z3, "torchrun", 2, timeout=600)  # resumed at step 2, same layout
+    ref, got = launch.losses(tmp_path / "one"), launch.losses(run)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref), (got, ref)
+    folder = run / "checkpoints" / "step_00000004"
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"
+            } <= {p.name for p in folder.iterdir()}  # fmt: skip
+    joined = checkpoint_full_state(folder)  # each TP rank's partitions consolidated, then joined
+    want = checkpoint_full_state(tmp_path / "one" / "checkpoints" / "step_00000004")
+    assert joined.keys() == {k for k, v in want.items() if v is not None}
+    for k, v in joined.items():
+        assert v.shape == want[k].shape and torch.allclose(v, want[k].float(), atol=1e-5), k

@@ -129,6 +129,11 @@ def test_layout_compare_sorts_changes():
     assert not refused and layout.needs_universal(reshard, 1)
     _, refused = layout.compare(lay(4, tp=2, zero=1), lay(2, tp=1, zero=3))
     assert [k for k, _, _ in refused] == ["tp"]
+    # ZeRO-3 with tp > 1 on either side: no universal conversion (DeepSpeed's needs tp 1)
+    _, refused = layout.compare(lay(4, tp=2, zero=3), lay(2, tp=2, zero=3))
+    assert {k for k, _, _ in refused} == {"world_size", "dp", "dp_group"}
+    _, refused = layout.compare(lay(2, tp=2, zero=2), lay(2, tp=2, zero=3))
+    assert [k for k, _, _ in refused] == ["zero_stage"]
     _, refused = layout.compare(lay(2), lay(2, num_layers=3))
     assert [k for k, _, _ in refused] == ["model.num_layers"]
 

@@ -188,9 +188,9 @@ def test_bad_files(tmp_path: Path) -> None:
         (["parallel.ulysses=2", "train.seq_length=129"], 2, ["train.seq_length=129", "ulysses=2"]),
         (["parallel.ulysses=8"], 8, ["model.num_attention_heads=4", "parallel.ulysses=8"]),
         (
-            ["parallel.tp=2", "deepspeed.zero_stage=3"],
+            ["parallel.tp=2", "deepspeed.zero_stage=3", "deepspeed.offload=true"],
             2,
-            ["deepspeed.zero_stage=3", "parallel.tp=2", "not supported"],
+            ["deepspeed.offload=true", "parallel.tp=2", "not supported"],
         ),
         (["parallel.sp=true"], 1, ["parallel.sp=True", "parallel.tp > 1"]),
         (

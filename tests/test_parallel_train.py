@@ -15,6 +15,7 @@ LAYOUTS = {
     "tp2_sp": ["parallel.tp=2", "parallel.sp=true"],
     "cp2": ["parallel.cp=2"],
     "ulysses2": ["parallel.ulysses=2"],
+    "tp2_zero3": ["parallel.tp=2", "deepspeed.zero_stage=3"],  # ZeRO-3 over the mpu's dp group
 }
 
 
@@ -46,7 +47,9 @@ def test_layouts_match_single_process(tmp_path, corpus, kind):
 
 
 @pytest.mark.slow
-def test_tp2_dp2_zero1_on_four_processes(tmp_path, corpus):
+def test_tp2_dp2_zero1_and_zero3_on_four_processes(tmp_path, corpus):
     ref = run(tmp_path, corpus, "single", [], "python", 1)
-    got = run(tmp_path, corpus, "tp2dp2", ["parallel.tp=2"], "torchrun", 4)
-    agree(ref, got, grad_norm=True)
+    for stage in (1, 3):  # ZeRO-3 partitions each TP shard over its 2 data-parallel ranks
+        overrides = ["parallel.tp=2", f"deepspeed.zero_stage={stage}"]
+        got = run(tmp_path, corpus, f"tp2dp2_z{stage}", overrides, "torchrun", 4)
+        agree(ref, got, grad_norm=True)

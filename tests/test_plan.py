@@ -255,9 +255,20 @@ def test_impossible_layout_gives_the_config_error(capsys):
     with pytest.raises(ConfigError, match="global_batch_size=1024 must be divisible"):
         plan(CONFIGS / "fope_60m.yaml", Layout(nodes=3, gpus_per_node=1, gpu_memory_gb=80))
     argv = ["--config", str(CONFIGS / "llama_7b_fope.yaml"), "--nodes", "1", "--gpus-per-node"]
-    assert main([*argv, "8", "--gpu-memory-gb", "80", "deepspeed.zero_stage=3"]) == 2
+    offload = ["deepspeed.zero_stage=3", "deepspeed.offload=true"]
+    assert main([*argv, "8", "--gpu-memory-gb", "80", *offload]) == 2
     err = capsys.readouterr().err
-    assert "configuration error" in err and "deepspeed.zero_stage=3 with parallel.tp=2" in err
+    assert "configuration error" in err and "deepspeed.offload=true with parallel.tp=2" in err
+
+
+def test_zero3_with_tp_partitions_each_tp_shard_over_its_data_parallel_group():
+    layout = Layout(nodes=1, gpus_per_node=8, gpu_memory_gb=80)
+    path = CONFIGS / "llama_7b_fope.yaml"
+    z1, z3 = (plan(path, layout, ["parallel.tp=2", f"deepspeed.zero_stage={s}"]) for s in (1, 3))
+    assert z3.layout["zero_shards"] == 4  # 8 GPUs / tp 2
+    # ZeRO-3 keeps 1/4 of the TP shard's weights (plus the gathered layers), ZeRO-1 all of it
+    assert z3.memory_bytes["weights"] < z1.memory_bytes["weights"] / 2
+    assert z3.memory_bytes["optimizer"] == pytest.approx(z1.memory_bytes["optimizer"])
 
 
 def test_recompute_in_the_activation_formula():

@@ -173,7 +173,7 @@ def test_sigusr1_saves_and_exits_for_requeue(corpus, tmp_path):
         (["train.steps=abc"], ["train.steps", "abc"]),
         (["train.global_batch_size=6"], ["global_batch_size", "6", "micro_batch_size"]),
         (["parallel.tp=3"], ["tp", "3"]),
-        (["parallel.tp=2", "deepspeed.zero_stage=3"], ["zero_stage", "tp"]),
+        (["parallel.tp=2", "deepspeed.zero_stage=3", "deepspeed.offload=true"], ["offload", "tp"]),
         (["model.vocab_size=100"], ["vocab_size", "100", "258"]),
         (["data.path=[/nonexistent/prefix]"], ["/nonexistent/prefix"]),
     ],

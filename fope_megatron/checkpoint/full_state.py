@@ -41,7 +41,8 @@ def checkpoint_full_state(path: Path) -> dict:
 
     - ZeRO 0-2: DeepSpeed's per-TP-rank model files (``mp_rank_XX_model_states.pt``), joined by
       the split dims ``layout.json`` records (``reshard.split_dims`` of the trained model);
-    - ZeRO-3: DeepSpeed's zero_to_fp32 consolidation of the partitions (parameters, buffers);
+    - ZeRO-3: DeepSpeed's zero_to_fp32 consolidation of the partitions (parameters, buffers),
+      per TP rank, joined the same way;
     - ``model_full.pt`` of checkpoints written before: as it is.
     """
     from . import layout
@@ -51,25 +52,55 @@ def checkpoint_full_state(path: Path) -> dict:
     full = path / FULL_MODEL_FILE
     if full.is_file():
         return torch.load(full, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    split = (layout.read(path) or {}).get("tensor_parallel")
+    split = {k: tuple(v) for k, v in (split or {}).items()}
     if any(path.glob("zero_pp_rank_*_model_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        return _zero3_full_state(path, split)
     files = sorted(path.glob("mp_rank_*_model_states.pt"), key=lambda p: int(p.name[8:10]))
     if not files:
         raise FileNotFoundError(
             f"{path} holds neither DeepSpeed's mp_rank_*_model_states.pt, ZeRO-3 partitions "
             f"nor {FULL_MODEL_FILE}"
         )
-    split = (layout.read(path) or {}).get("tensor_parallel")
-    if len(files) > 1 and split is None:
+    if len(files) > 1 and not split:
         raise FileNotFoundError(f"{path}: {len(files)} TP ranks but no split dims in layout.json")
     # memory-mapped: each tensor is read from its file as it is joined (the host holds the
     # joined state, not the TP ranks' files besides it)
     states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["module"]
               for f in files]  # fmt: skip
-    state = join_states(states, {k: tuple(v) for k, v in (split or {}).items()})
+    state = join_states(states, split)
     return {k: v for k, v in state.items() if v is not None}  # megatron's empty _extra_state
+
+
+def _zero3_full_state(path: Path, split: dict) -> dict:
+    """ZeRO-3: DeepSpeed's zero_to_fp32 consolidation of each TP rank's partitions (the files
+    ``*_mp_rank_<tp>_*``, seen through a folder of links, since zero_to_fp32 reads every file of
+    a folder), joined over TP by ``split``."""
+    import re
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from .reshard import join_states
+
+    def tp_rank(p: Path) -> int:
+        return int(re.search(r"mp_rank_(\d+)", p.name).group(1))
+
+    files = [p for p in path.glob("*zero_pp_rank_*_mp_rank_*_states.pt")]
+    ranks = sorted({tp_rank(p) for p in files})
+    if len(ranks) == 1:
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    if not split:
+        raise FileNotFoundError(f"{path}: {len(ranks)} TP ranks but no split dims in layout.json")
+    states = []
+    for rank in ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / path.name).mkdir()
+            for p in files:
+                if tp_rank(p) == rank:
+                    (Path(tmp) / path.name / p.name).symlink_to(p.resolve())
+            states.append(get_fp32_state_dict_from_zero_checkpoint(tmp, tag=path.name))
+    return join_states(states, split)
 
 
 def load_full_state(model: torch.nn.Module, state: dict, source: Path) -> None:

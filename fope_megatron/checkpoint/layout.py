@@ -12,8 +12,10 @@ it with the run that resumes, before any process group starts:
 * a change it cannot do is a ``ConfigError`` naming every key: a changed model (hidden size,
   heads, KV groups, layers, vocab, FoPE floor and shapes) can never resume; a changed pp or
   dtype, a tp change with ZeRO-0 or ZeRO-3 on either side (DeepSpeed's ZeRO-3 universal loader
-  slices only AutoTP's layouts, not megatron-core's) or a move to or from ZeRO-0 is not
-  resharded here: resume at the saved values or start from the weights instead
+  slices only AutoTP's layouts, not megatron-core's), a data-parallel or stage change where a
+  side runs ZeRO-3 at tp > 1 (DeepSpeed 0.19.8 converts ZeRO-3 checkpoints to universal ones
+  only at tp 1) or a move to or from ZeRO-0 is not resharded here: resume at the saved values
+  or start from the weights instead
   (``train.init_from``, any layout, fresh optimizer).
 """
 
@@ -114,9 +116,13 @@ def compare(saved: dict, now: dict) -> tuple[list, list]:
     old, new = _flat(saved), _flat(now)
     changed = [(k, old.get(k), new.get(k)) for k in new if k in old and old[k] != new[k]]
     stages = {old.get("zero_stage"), new.get("zero_stage")}
+    # DeepSpeed converts and loads ZeRO-3 universal checkpoints only at tp 1
+    zero3_tp = any(x.get("zero_stage") == 3 and x.get("tp", 1) > 1 for x in (old, new))
     reshard, refused = [], []
     for key, a, b in changed:
-        zero = stages <= {1, 2, 3} and (key in DATA_PARALLEL or key == "zero_stage")
+        zero = (
+            stages <= {1, 2, 3} and not zero3_tp and (key in DATA_PARALLEL or key == "zero_stage")
+        )
         tp = stages <= {1, 2} and key == "tp"
         if zero or tp or (stages == {0} and key in DATA_PARALLEL):
             reshard.append((key, a, b))
@@ -152,7 +158,8 @@ def check(cfg, world_size: int, folder: Path) -> list:
             if model
             else "a resume reshards the data-parallel size and the ZeRO stage among 1, 2 and 3, "
             "tp under ZeRO 1-2, and the data-parallel size under ZeRO-0; not pp, the dtype, tp "
-            "with ZeRO-0 or 3 on either side, or moves to or from ZeRO-0; resume at the saved "
+            "with ZeRO-0 or 3 on either side, the data-parallel size or the stage with ZeRO-3 "
+            "and tp > 1 on either side, or moves to or from ZeRO-0; resume at the saved "
             "values, or start from the weights with "
             f"train.init_from={folder} (any layout, fresh optimizer and step)"
         )

@@ -230,11 +230,11 @@ def _check_layout(c: Config, dims: ParallelDims) -> None:
         )
     if p.sp and p.tp == 1:
         _fail("parallel.sp", p.sp, "needs parallel.tp > 1 (sequence parallel splits over tp)")
-    if c.deepspeed.zero_stage == 3 and p.tp > 1:
+    if c.deepspeed.offload and p.tp > 1:
         raise ConfigError(
-            f"deepspeed.zero_stage=3 with parallel.tp={p.tp} is not supported (not tested: ZeRO-3 "
-            "partitions parameters without knowing megatron's tensor-parallel shards); use "
-            "deepspeed.zero_stage 0, 1 or 2 with parallel.tp > 1, or parallel.tp=1 with ZeRO-3"
+            f"deepspeed.offload=true with parallel.tp={p.tp} is not supported (ZeRO-3's CPU "
+            "offload is not tested with tensor parallelism); use deepspeed.offload=false "
+            "(ZeRO-3 with parallel.tp > 1 works) or parallel.tp=1 with offload"
         )
     if m.hidden_size % heads:
         _fail("model.hidden_size", m.hidden_size, f"must be divisible by heads={heads}")

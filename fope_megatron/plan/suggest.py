@@ -33,7 +33,7 @@ def _candidates(cfg: Config, dims: ParallelDims, layout: Layout, dominant: str):
     """
     p, stage = cfg.parallel, cfg.deepspeed.zero_stage
     zero: list[tuple[str, list[str]]] = []
-    if dims.dp_shard > 1 and stage < 3 and (stage < 2 or p.tp == 1):
+    if dims.dp_shard > 1 and stage < 3:
         zero.append((f"raise the ZeRO stage to {stage + 1}", [f"deepspeed.zero_stage={stage + 1}"]))
     if p.tp == 1 and not cfg.deepspeed.offload:
         offload = ["deepspeed.zero_stage=3", "deepspeed.offload=true"]
@@ -41,7 +41,7 @@ def _candidates(cfg: Config, dims: ParallelDims, layout: Layout, dominant: str):
     tp: list[tuple[str, list[str]]] = []
     if p.tp * 2 <= layout.gpus_per_node:
         extra = [f"parallel.tp={p.tp * 2}", "parallel.sp=true"]
-        extra += ["deepspeed.zero_stage=2"] if stage == 3 else []
+        extra += ["deepspeed.offload=false"] if cfg.deepspeed.offload else []
         tp.append((f"raise tensor parallelism to tp={p.tp * 2} with sp", extra))
     mb: list[tuple[str, list[str]]] = []
     if cfg.train.micro_batch_size > 1:
@@ -57,7 +57,7 @@ def _more_nodes(path, overrides: list[str], cfg: Config, layout: Layout) -> str 
     """The fewest nodes (2x, 4x, ... up to 64 nodes) on which the config fits, at its ZeRO
     stage or with ZeRO-3."""
     tries = [("", [])]
-    if cfg.parallel.tp == 1 and cfg.deepspeed.zero_stage < 3:
+    if cfg.deepspeed.zero_stage < 3:
         tries.append((" with ZeRO-3", ["deepspeed.zero_stage=3"]))
     for nodes in (layout.nodes * 2**k for k in range(1, 7)):
         if nodes > 64:
