@@ -65,9 +65,25 @@ class SDPACoreAttention(MegatronModule):
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if thd:  # [t, heads, d] -> [t, 1, heads, d]
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        packed = packed_seq_params if thd else None
+        key, value, mask, causal = self.keys_and_mask(
+            query, key, value, attention_mask, mask_type, attention_bias, packed
+        )
+        out = self.attend(query, key, value, mask, causal)
+        return out.squeeze(1) if thd else out
+
+    def keys_and_mask(
+        self, query, key, value, attention_mask, mask_type, attention_bias, packed
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """``(key, value, mask, is_causal)`` for :meth:`attend` (the context-parallel subclass
+        gathers the keys and values and masks in global positions).
+
+        ``query``/``key``/``value`` ``[s, b, heads, d]``; ``mask_type`` already resolved against
+        the constructor's; ``packed``: the THD ``PackedSeqParams``, else None.
+        """
         mask, causal = None, False
-        if thd:
-            mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0], query.device)
+        if packed is not None:
+            mask = packed_causal_mask(packed.cu_seqlens_q, query.shape[0], query.device)
         elif mask_type == AttnMaskType.causal:
             causal = True
         elif attention_mask is not None:
@@ -75,8 +91,7 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             bias = attention_bias.to(query.dtype)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        out = self.attend(query, key, value, mask, causal)
-        return out.squeeze(1) if thd else out
+        return key, value, mask, causal
 
     def attend(
         self,

@@ -58,41 +58,27 @@ class ContextParallelCoreAttention(SDPACoreAttention):
         group = getattr(pg, "cp", None)
         self.cp_group = ps.get_context_parallel_group() if group is None else group
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        attn_mask_type: AttnMaskType | None = None,
-        attention_bias: torch.Tensor | None = None,
-        packed_seq_params=None,
-    ) -> torch.Tensor:
+    def keys_and_mask(
+        self, query, key, value, attention_mask, mask_type, attention_bias, packed
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """All-gathered keys/values and the causal mask in global positions (``cp == 1``: the
+        plain :class:`SDPACoreAttention` ones)."""
         cp_size = self.cp_group.size()
         if cp_size == 1:
-            return super().forward(
-                query,
-                key,
-                value,
-                attention_mask,
-                attn_mask_type,
-                attention_bias,
-                packed_seq_params,
+            return super().keys_and_mask(
+                query, key, value, attention_mask, mask_type, attention_bias, packed
             )
-        mask_type = attn_mask_type or self.attn_mask_type
-        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        thd = packed is not None
         if attention_bias is not None or not (thd or mask_type == AttnMaskType.causal):
             raise NotImplementedError(
                 "context-parallel attention supports the causal mask (or packed THD) only, "
                 f"got attn_mask_type={mask_type}, attention_bias={attention_bias is not None}"
             )
         cu = None
-        if thd:  # [t, heads, d] -> [t, 1, heads, d]
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+        if thd:
+            cu = packed.cu_seqlens_q_padded
+            cu = packed.cu_seqlens_q if cu is None else cu
         key = all_gather_first_dim(key, self.cp_group)
         value = all_gather_first_dim(value, self.cp_group)
         mask = cp_causal_mask(self.cp_group.rank(), cp_size, query.shape[0], cu, query.device)
-        out = self.attend(query, key, value, mask, causal=False)
-        return out.squeeze(1) if thd else out
+        return key, value, mask, False

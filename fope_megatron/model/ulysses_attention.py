@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -52,23 +51,16 @@ class UlyssesCoreAttention(MegatronModule):
     """DeepSpeed ``DistributedAttention`` around ``local_attention`` (default
     :class:`SDPACoreAttention`; a transformer-engine core attention works too).
 
-    Same constructor and forward as megatron's core attentions; the Ulysses group comes from
+    Takes megatron's core-attention constructor keywords and call; the Ulysses group comes from
     :func:`fope_megatron.parallel.setup.get_ulysses_group`. Needs the TP-local heads and KV groups
     divisible by the Ulysses degree and the causal mask (no packed THD).
     """
 
     def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str = "self",
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        pg_collection=None,
-        local_attention: type = SDPACoreAttention,
+        self, config: TransformerConfig, local_attention: type = SDPACoreAttention, **core_args
     ) -> None:
+        """``core_args``: megatron's core-attention keywords (``layer_number``, ``attn_mask_type``,
+        ..., ``pg_collection``), passed on to ``local_attention`` unchanged."""
         super().__init__(config=config)
         from deepspeed.sequence.layer import DistributedAttention
 
@@ -79,6 +71,7 @@ class UlyssesCoreAttention(MegatronModule):
         self.ulysses_group = group
         self.ulysses_rank = group.rank()
         self.ulysses_size = group.size()
+        pg_collection = core_args.get("pg_collection")
         tp = pg_collection.tp.size() if pg_collection is not None else 1
         heads = config.num_attention_heads // tp
         groups = max(config.num_query_groups // tp, 1)
@@ -92,16 +85,7 @@ class UlyssesCoreAttention(MegatronModule):
         inner_config = copy.copy(config)
         inner_config.num_attention_heads = config.num_attention_heads // self.ulysses_size
         inner_config.num_query_groups = config.num_query_groups // self.ulysses_size
-        inner = local_attention(
-            config=inner_config,
-            layer_number=layer_number,
-            attn_mask_type=attn_mask_type,
-            attention_type=attention_type,
-            attention_dropout=attention_dropout,
-            softmax_scale=softmax_scale,
-            cp_comm_type=cp_comm_type,
-            pg_collection=pg_collection,
-        )
+        inner = local_attention(config=inner_config, **core_args)
         self.dist_attn = DistributedAttention(
             _PerHeadOutput(inner, config.kv_channels), group, scatter_idx=2, gather_idx=0
         )
@@ -112,18 +96,11 @@ class UlyssesCoreAttention(MegatronModule):
         return self.ulysses_rank, self.ulysses_size
 
     def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        attn_mask_type: AttnMaskType | None = None,
-        attention_bias: torch.Tensor | None = None,
-        packed_seq_params=None,
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
+        """megatron's core-attention call (q, k, v, mask positional, the rest keywords, as in its
+        ``CoreAttention`` protocol); the keywords reach the inner attention unchanged."""
+        if kwargs.get("packed_seq_params") is not None or kwargs.get("attention_bias") is not None:
             raise NotImplementedError("Ulysses attention: packed sequences / bias not supported")
-        out = self.dist_attn(
-            query, key, value, 1, None, attention_mask, attn_mask_type=attn_mask_type
-        )
+        out = self.dist_attn(query, key, value, 1, None, attention_mask, **kwargs)
         return out.reshape(out.shape[0], out.shape[1], -1)  # [s/u, b, heads*d]
