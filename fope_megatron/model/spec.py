@@ -62,9 +62,7 @@ def get_fope_layer_spec(
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    use_te = (
-        transformer_engine_usable() if use_transformer_engine is None else use_transformer_engine
-    )
+    use_te = _use_transformer_engine(use_transformer_engine)
     if use_te:
         spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
@@ -96,27 +94,23 @@ def get_fope_layer_spec(
     return spec
 
 
+def _use_transformer_engine(use_transformer_engine: bool | None) -> bool:
+    if use_transformer_engine is None:
+        return transformer_engine_usable()
+    return use_transformer_engine
+
+
 def get_fope_block_spec(
-    config,
-    position: PositionSettings,
-    normalization: str = "RMSNorm",
-    use_transformer_engine: bool | None = None,
-    qk_layernorm: bool = False,
-    cp: int = 1,
-    ulysses: int = 1,
+    config, position: PositionSettings, **layer_options
 ) -> TransformerBlockSubmodules | ModuleSpec:
     """Decoder-block spec: :func:`get_fope_layer_spec` for this stage's layers plus the final norm.
 
-    Without transformer-engine the final norm is :class:`SequenceParallelNorm`; with it, the
-    layer spec is returned and megatron picks TE's norm.
+    ``layer_options``: :func:`get_fope_layer_spec`'s keywords after ``position``. Without
+    transformer-engine the final norm is :class:`SequenceParallelNorm`; with it, the layer spec
+    is returned and megatron picks TE's norm.
     """
-    layer = get_fope_layer_spec(
-        position, normalization, use_transformer_engine, qk_layernorm, cp=cp, ulysses=ulysses
-    )
-    use_te = (
-        transformer_engine_usable() if use_transformer_engine is None else use_transformer_engine
-    )
-    if use_te:
+    layer = get_fope_layer_spec(position, **layer_options)
+    if _use_transformer_engine(layer_options.get("use_transformer_engine")):
         return layer
     n = get_num_layers_to_build(config)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelNorm)
