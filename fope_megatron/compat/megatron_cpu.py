@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -43,44 +44,42 @@ _APPLIED = False
 
 
 # ----------------------------------------------------------------------------- collectives
-def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
-    """megatron's ``_gather_along_first_dim`` allocating on ``input_.device``."""
+def _ranks(input_, group):
+    """The group size and ``input_`` (contiguous when there is more than one rank)."""
     assert group is not None, "group should not be None"
     world_size = group.size()
+    return world_size, (input_ if world_size == 1 else input_.contiguous())
+
+
+def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """megatron's ``_gather_along_first_dim`` allocating on ``input_.device``."""
+    world_size, input_ = _ranks(input_, group)
     if world_size == 1:
         return input_
-    input_ = input_.contiguous()
     if output_split_sizes is None:
-        shape = list(input_.shape)
-        shape[0] *= world_size
-        output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
+        output = input_.new_empty((input_.shape[0] * world_size, *input_.shape[1:]))
         dist.all_gather_into_tensor(output, input_, group=group)
         return output
-    shape = [sum(output_split_sizes), *input_.shape[1:]]
-    output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
+    output = input_.new_empty((sum(output_split_sizes), *input_.shape[1:]))
     dist.all_gather(list(torch.split(output, output_split_sizes, dim=0)), input_, group=group)
     return output
 
 
 def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
     """megatron's ``_reduce_scatter_along_first_dim`` allocating on ``input_.device``."""
-    assert group is not None, "group should not be None"
-    world_size = group.size()
+    world_size, input_ = _ranks(input_, group)
     if world_size == 1:
         return input_
-    input_ = input_.contiguous()
-    if input_split_sizes is None:
-        shape = list(input_.shape)
-        assert shape[0] % world_size == 0, (
-            "First dimension of the tensor should be divisible by tensor parallel size"
-        )
-        shape[0] //= world_size
-        output = torch.empty(shape, dtype=input_.dtype, device=input_.device)
-        dist.reduce_scatter_tensor(output, input_, group=group)
+    if input_split_sizes is not None:
+        parts = list(torch.split(input_, input_split_sizes, dim=0))
+        output = torch.empty_like(parts[group.rank()])
+        dist.reduce_scatter(output, parts, group=group)
         return output
-    parts = list(torch.split(input_, input_split_sizes, dim=0))
-    output = torch.empty_like(parts[group.rank()])
-    dist.reduce_scatter(output, parts, group=group)
+    assert input_.shape[0] % world_size == 0, (
+        "First dimension of the tensor should be divisible by tensor parallel size"
+    )
+    output = input_.new_empty((input_.shape[0] // world_size, *input_.shape[1:]))
+    dist.reduce_scatter_tensor(output, input_, group=group)
     return output
 
 
@@ -104,33 +103,18 @@ def _wrap_linear(original):
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
     from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def linear(
-        input,
-        weight,
-        bias,
-        gradient_accumulation_fusion,
-        allreduce_dgrad,
-        sequence_parallel,
-        *args,
-        **kwargs,
-    ):
-        if sequence_parallel and not input.is_cuda:
-            group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
-            input = gather_from_sequence_parallel_region(
-                input, tensor_parallel_output_grad=True, group=group
+    def linear(*args, **kwargs):
+        call = signature.bind(*args, **kwargs).arguments  # the arguments passed, by name
+        if call["sequence_parallel"] and not call["input"].is_cuda:
+            group = get_tensor_model_parallel_group_if_none(call.get("tp_group"))
+            call["input"] = gather_from_sequence_parallel_region(
+                call["input"], tensor_parallel_output_grad=True, group=group
             )
-            sequence_parallel = False
-        return original(
-            input,
-            weight,
-            bias,
-            gradient_accumulation_fusion,
-            allreduce_dgrad,
-            sequence_parallel,
-            *args,
-            **kwargs,
-        )
+            call["sequence_parallel"] = False
+        return original(**call)
 
     linear.fope_cpu_compat = True
     return linear
