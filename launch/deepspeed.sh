@@ -18,28 +18,13 @@
 # (--no_local_rank), so the trainer's command line stays `--config CONFIG key=value ...`.
 set -euo pipefail
 
-if (($# < 1)); then
-	echo "usage: $0 CONFIG [key=value ...]" >&2
-	exit 2
-fi
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+fope_launch_setup "$@"
 config=$1
 shift
-
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -z ${PYTHON:-} ]]; then
-	if [[ -x $root/.venv/bin/python ]]; then PYTHON=$root/.venv/bin/python; else PYTHON=python3; fi
-fi
 if [[ ${FOPE_CPU:-0} == 1 ]]; then export DS_ACCELERATOR=cpu; fi
-if [[ -z ${NPROC:-} ]]; then
-	NPROC=1
-	if [[ ${FOPE_CPU:-0} != 1 ]] && command -v nvidia-smi >/dev/null; then
-		gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-		((gpus > 0)) && NPROC=$gpus
-	fi
-fi
 MASTER_PORT=${MASTER_PORT:-29500}
-LOG_RANK=${LOG_RANK:-0}
-TRAIN_MODULE=${TRAIN_MODULE:-fope_megatron.train}
 read -r -a extra <<<"${DEEPSPEED_EXTRA_ARGS:-}"
 
 cmd=("$PYTHON" -u -m deepspeed.launcher.runner --num_gpus="$NPROC" --master_port="$MASTER_PORT")
