@@ -112,40 +112,51 @@ def _split(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> t
     return torch.cat(full.chunk(stride * size, dim=dim)[rank::size], dim=dim)
 
 
+def _map_split(model: torch.nn.Module, tensors: dict, tp_size: int, fope_fn, split_fn) -> dict:
+    """``tensors`` (keyed like ``model.state_dict()``) with every TP-split entry replaced:
+    FoPE coefficients by ``fope_fn(t, module)``, megatron TP tensors by ``split_fn(t, dim,
+    stride)``; the rest (and everything at ``tp_size == 1``) as given. What gathering and slicing
+    share."""
+    if tp_size > 1:
+        _check_groups(model, tp_size)
+    layout = _layout(model)
+    fope = _fope_entries(model)
+    out = {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or tp_size == 1:
+            out[name] = t
+        elif name in fope:
+            out[name] = fope_fn(t, fope[name])
+        elif layout.get(name) is not None:
+            out[name] = split_fn(t, *layout[name])
+        else:
+            out[name] = t
+    return out
+
+
 def gather_full_tensors(
     model: torch.nn.Module, tensors: dict[str, torch.Tensor], tp_group=None
 ) -> dict[str, torch.Tensor]:
     """Full (TP=1) shapes of per-rank ``tensors`` keyed like ``model.state_dict()`` (e.g. its
     state, or its parameters' gradients). Collective over the TP group."""
     group, _, size = _tp(tp_group)
-    if size > 1:
-        _check_groups(model, size)
-    layout = _layout(model)
-    fope = _fope_entries(model)
-    full = {}
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or size == 1:
-            full[name] = t
-        elif name in fope:
-            module = fope[name]
-            spans = _gather(
-                torch.tensor([module.groups.start, module.groups.stop], device=t.device),
-                group,
-                size,
-            )
-            parts = _gather(t, group, size)
-            shape = list(t.shape)
-            shape[1] = module.config.groups
-            out = t.new_zeros(shape)
-            for (g0, g1), part in zip(spans, parts, strict=True):
-                out[:, int(g0) : int(g1)] = part
-            full[name] = out
-        elif layout.get(name) is not None:
-            dim, stride = layout[name]
-            full[name] = _join(_gather(t, group, size), dim, stride)
-        else:
-            full[name] = t
-    return full
+
+    def full_coefficients(t: torch.Tensor, module: FourierPositionEmbedding) -> torch.Tensor:
+        spans = _gather(
+            torch.tensor([module.groups.start, module.groups.stop], device=t.device), group, size
+        )
+        parts = _gather(t, group, size)
+        shape = list(t.shape)
+        shape[1] = module.config.groups
+        out = t.new_zeros(shape)
+        for (g0, g1), part in zip(spans, parts, strict=True):
+            out[:, int(g0) : int(g1)] = part
+        return out
+
+    def full_tensor(t: torch.Tensor, dim: int, stride: int) -> torch.Tensor:
+        return _join(_gather(t, group, size), dim, stride)
+
+    return _map_split(model, tensors, size, full_coefficients, full_tensor)
 
 
 def full_state_dict(model: torch.nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
@@ -168,23 +179,13 @@ def shard_full_state_dict(
 ) -> dict[str, torch.Tensor]:
     """This TP rank's slice of a full state dict (no communication)."""
     _, rank, size = _tp(tp_group)
-    if size > 1:
-        _check_groups(model, size)
-    layout = _layout(model)
-    fope = _fope_entries(model)
-    local = {}
-    for name, t in full.items():
-        if not isinstance(t, torch.Tensor) or size == 1:
-            local[name] = t
-        elif name in fope:
-            g = fope[name].groups
-            local[name] = t[:, g.start : g.stop]
-        elif layout.get(name) is not None:
-            dim, stride = layout[name]
-            local[name] = _split(t, dim, stride, rank, size)
-        else:
-            local[name] = t
-    return local
+    return _map_split(
+        model,
+        full,
+        size,
+        lambda t, module: t[:, module.groups.start : module.groups.stop],
+        lambda t, dim, stride: _split(t, dim, stride, rank, size),
+    )
 
 
 def load_full_state_dict(
