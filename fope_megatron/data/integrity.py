@@ -2,8 +2,11 @@
 and a split that leaves documents for training.
 
 Everything here reads only the ``.idx`` header and arrays and the file sizes (never the token
-stream), so it is cheap for any corpus size. Each failure is a ``ConfigError`` naming the file and
-what is wrong, raised before any process group starts (``fope-train`` exits 2).
+stream), and the lengths array in chunks of ``CHUNK`` entries into one reused buffer (never a
+whole array: 12 bytes per document would be 12 GB for 1B documents), so the memory it holds does
+not grow with the corpus. Each failure is a ``ConfigError`` naming the file and what is wrong,
+raised before any process group starts (``fope-train`` exits 2). On a multi-rank start one rank
+per node runs these checks (``train/preflight.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset._INDEX_HEADER
 DTYPE_CODES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
                7: "float32", 8: "uint16"}  # fmt: skip
 _FIXED = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # header, version, dtype code, 2 counts
+CHUNK = 1 << 16  # lengths entries read at a time (256 KiB)
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,29 @@ def read_index(prefix: str) -> IndexInfo:
         if size < expected:
             _bad(idx, f"holds {size} bytes but its header announces {n_seq} sequences "
                  f"({expected} bytes): the file is truncated")  # fmt: skip
-        lengths = np.fromfile(f, dtype=np.int32, count=n_seq)
-        pointers = np.fromfile(f, dtype=np.int64, count=n_seq)
+        tokens, last_length = _sum_lengths(f, n_seq)
+        last_pointer = 0
+        if n_seq:  # the .bin must reach the end of the last sequence
+            f.seek(_FIXED + 4 * n_seq + 8 * (n_seq - 1))
+            last_pointer = int(np.frombuffer(f.read(8), dtype=np.int64)[0])
     itemsize = np.dtype(DTYPE_CODES[code]).itemsize
-    tokens = int(lengths.sum(dtype=np.int64))
-    need = int(pointers[-1] + lengths[-1] * itemsize) if n_seq else 0
+    need = last_pointer + last_length * itemsize if n_seq else 0
     return IndexInfo(DTYPE_CODES[code], int(n_seq), max(int(n_doc_idx) - 1, 0), tokens, need)
+
+
+def _sum_lengths(f, n_seq: int) -> tuple[int, int]:
+    """Total and last of the ``n_seq`` int32 lengths at ``f``'s position, read ``CHUNK`` at a time
+    into one buffer."""
+    buf = np.empty(min(n_seq, CHUNK), dtype=np.int32)
+    total = last = 0
+    left = n_seq
+    while left:
+        part = buf[: min(left, CHUNK)]
+        f.readinto(memoryview(part).cast("B"))
+        total += int(part.sum(dtype=np.int64))
+        last = int(part[-1])
+        left -= len(part)
+    return total, last
 
 
 def check_prefix(prefix: str) -> IndexInfo:

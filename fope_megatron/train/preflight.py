@@ -12,21 +12,26 @@ from . import resume
 
 def tokenizer_vocab(cfg: Config, prefixes: list[str]) -> int:
     """The vocab the data was tokenized with (sidecar meta), or the configured tokenizer's."""
-    from ..data.preprocess import read_meta
+    from ..data.integrity import read_meta_checked
     from ..data.tokenizer import get_tokenizer
 
-    sizes = [m["vocab_size"] for m in (read_meta(p) for p in prefixes) if m]
+    # invalid JSON fails on every rank; a sidecar's other faults are local rank 0's to name
+    metas = [read_meta_checked(p) or {} for p in prefixes]
+    sizes = [m["vocab_size"] for m in metas if isinstance(m.get("vocab_size"), int)]
     if sizes:
         return max(sizes)
     return get_tokenizer(cfg.data.tokenizer).vocab_size
 
 
 def preflight(cfg: Config, world_size: int):
-    """Every check that needs no process group; raises ConfigError naming key and value."""
+    """Every check that needs no process group; raises ConfigError naming key and value. The
+    config checks run on every rank, the data files' checks on local rank 0 only."""
     from ..data.integrity import check_data_files
 
     dims = cfg.validate(world_size)
-    prefixes = check_data_files(cfg, check_data(cfg))
+    prefixes = check_data(cfg)
+    if env_local_rank() == 0:  # the files are the same for a node's ranks: one reads them
+        check_data_files(cfg, prefixes)
     check_vocab(cfg, tokenizer_vocab(cfg, prefixes))
     from ..checkpoint.manifest import CheckpointDamaged
 
@@ -42,6 +47,14 @@ def preflight(cfg: Config, world_size: int):
         layout.check(cfg, world_size, found[0] / found[1])  # a layout it cannot reshard fails here
         resume.check(cfg, found[0] / found[1])  # train.resume_changes=refuse fails here
     return dims
+
+
+def env_local_rank() -> int:
+    """This process's rank on its node: torchrun's and the deepspeed launcher's ``LOCAL_RANK``
+    (first: under ``srun`` + torchrun every rank inherits ``SLURM_LOCALID=0``), else Slurm's
+    ``SLURM_LOCALID``, else 0."""
+    env = os.environ
+    return int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or 0)
 
 
 def env_world_size() -> int:
