@@ -7,10 +7,10 @@ barriers on the default group, and the other ranks load them, so every rank must
 cache dir must be on a filesystem all ranks see. Its C++ helpers (``helpers_cpp``) ship prebuilt in
 the megatron-core wheel; ``ensure_megatron_helpers`` compiles them when a source install lacks them.
 
-``batch_iterator`` is the analogue of Megatron-LM's ``MegatronPretrainingSampler``: the global
-sample order is ``0, 1, 2, ...`` of the (already shuffled) dataset, every step of
-``micro_batch_size * dp_size`` consecutive samples is cut into one contiguous slice per
-data-parallel rank, and starting at ``consumed_samples`` continues with the next sample.
+``batch_iterator`` yields a rank's micro-batches in the global sample order of
+``loader.MicroBatches`` (the analogue of Megatron-LM's ``MegatronPretrainingSampler``) in this
+thread; the trainer reads the same batches through ``loader.BatchLoader`` (a DataLoader with
+workers, prefetch and pinned memory).
 """
 
 from __future__ import annotations
@@ -304,26 +304,10 @@ def batch_iterator(
     dp_rank: int,
     dp_size: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield this data-parallel rank's micro-batches, resuming after ``consumed_samples``.
+    """Yield this data-parallel rank's micro-batches, resuming after ``consumed_samples``, in
+    this thread (``loader.MicroBatches`` says which samples; ``loader.BatchLoader`` is the same
+    through a DataLoader with workers)."""
+    from .loader import MicroBatches
 
-    Samples ``[k * m * d, (k + 1) * m * d)`` (``m`` micro-batch size, ``d`` dp size) form the
-    ``k``-th micro-step across ranks; rank ``r`` gets the contiguous slice starting at
-    ``k * m * d + r * m``. A global batch of ``g`` samples is ``g / (m * d)`` consecutive micro-steps,
-    so global batch ``i`` covers samples ``[i * g, (i + 1) * g)`` for every layout. The last,
-    incomplete micro-step is dropped.
-    """
-    if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
-        raise ValueError(
-            f"need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got "
-            f"{micro_batch_size=}, {dp_rank=}, {dp_size=}"
-        )
-    step = micro_batch_size * dp_size
-    if consumed_samples < 0 or consumed_samples % step:
-        raise ValueError(
-            f"consumed_samples={consumed_samples} must be a non-negative multiple of "
-            f"micro_batch_size * dp_size = {step}"
-        )
-    total = len(dataset)
-    for start in range(consumed_samples, total - step + 1, step):
-        first = start + dp_rank * micro_batch_size
-        yield collate([dataset[i] for i in range(first, first + micro_batch_size)])
+    for indices in MicroBatches(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size):
+        yield collate([dataset[i] for i in indices])

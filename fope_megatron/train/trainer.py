@@ -154,12 +154,15 @@ class Trainer:
                 )
                 self.valid_long[length] = ds
 
-    def _batches(self, dataset, consumed: int):
-        from ..data.datasets import batch_iterator
+    def _batches(self, dataset, consumed: int, limit: int | None = None):
+        """This rank's micro-batches from ``consumed`` on, read ahead by ``data.num_workers``
+        worker processes into pinned memory on CUDA (``data/loader.py``)."""
+        from ..data.loader import BatchLoader
 
-        return batch_iterator(
-            dataset, consumed, self.cfg.train.micro_batch_size, self.dp_rank, self.dp
-        )
+        return BatchLoader(
+            dataset, consumed, self.cfg.train.micro_batch_size, self.dp_rank, self.dp,
+            num_workers=self.cfg.data.num_workers, limit=limit,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_layout(self) -> str | None:
@@ -251,8 +254,11 @@ class Trainer:
         """Mean loss of one micro-batch and its (sum, token count) for exact logging."""
         device = next(model.parameters()).device
         tokens, labels, mask, pos = self._shard_sequence(batch)
-        losses = model(tokens.to(device), pos.to(device), None, labels=labels.to(device))
-        mask = mask.to(device)
+        # pinned batches (data/loader.py): the copies overlap, nothing waits for them here
+        tokens, pos, labels, mask = (
+            t.to(device, non_blocking=True) for t in (tokens, pos, labels, mask)
+        )
+        losses = model(tokens, pos, None, labels=labels)
         total = (losses.float() * mask).sum()
         count = mask.sum()
         return total / count.clamp(min=1), total.detach(), count.detach()
@@ -369,9 +375,7 @@ class Trainer:
                 continue
             loss_sum = torch.zeros((), dtype=torch.float64, device=comm_device())
             tokens = torch.zeros_like(loss_sum)
-            for i, batch in enumerate(self._batches(ds, 0)):
-                if i >= max(1, self.cfg.train.eval_iters):
-                    break
+            for batch in self._batches(ds, 0, limit=max(1, self.cfg.train.eval_iters)):
                 _, total, count = self._forward(self.engine, batch)
                 loss_sum += total.to(loss_sum)
                 tokens += count.to(tokens)
@@ -458,6 +462,7 @@ class Trainer:
             else:
                 self._exit_status("finished", 0)
         finally:
+            it.close()  # the data workers
             metrics.close()
         return exit_code
 
