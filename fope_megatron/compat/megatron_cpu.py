@@ -1,4 +1,4 @@
-"""What megatron-core's sequence-parallel path needs to run on a CPU (gloo). No-op on CUDA.
+"""What megatron-core's sequence-parallel and pipeline paths need on a CPU (gloo). No-op on CUDA.
 
 Written for megatron-core 0.16.1 (checked against 0.14-0.16, the range pyproject allows). In
 those versions:
@@ -16,6 +16,13 @@ those versions:
 - ``tensor_parallel.random.CheckpointFunction`` (activation recompute, ``train.recompute``)
   saves and restores every RNG state through ``_get_all_rng_states`` / ``_set_all_rng_states``,
   which read the CUDA default generator (``torch.cuda.get_rng_state``) unconditionally.
+- Pipeline parallelism: ``pipeline_parallel.p2p_communication`` allocates its receive buffers
+  with ``device=torch.cuda.current_device()`` and calls ``torch.cuda.synchronize()`` after
+  batched sends; ``pipeline_parallel.schedules`` counts tokens in
+  ``torch.zeros([], device="cuda")`` (every schedule, even without a pipeline); and
+  ``LanguageModule.setup_embeddings_and_output_layer`` moves the last stage's copy of tied
+  embeddings with ``weight.data.cuda()`` before all-reducing it from the first stage. No
+  ``ModelParallelConfig`` switch changes any of these.
 
 gloo itself supports every collective used (``all_gather_into_tensor``, ``reduce_scatter_tensor``,
 ``all_to_all_single`` in torch >= 2.6), so only allocation and RNG need replacing. The three
@@ -24,7 +31,10 @@ helper is wrapped so that with ``sequence_parallel`` it gathers through the (pat
 differentiable mapping and then runs megatron's own non-sequence-parallel matmul; and the RNG
 tracker is replaced by :class:`CPURNGStatesTracker` (megatron's own tracker class, CPU states);
 the two recompute RNG helpers are replaced by versions that save the CPU generator and the
-tracker's states only (there is no CUDA generator).
+tracker's states only (there is no CUDA generator). The two pipeline modules see, as their
+module global ``torch``, :class:`_CPUTorch` (torch itself except that the current CUDA device is
+the CPU, ``synchronize`` does nothing and ``zeros(device="cuda")`` allocates on the CPU); the
+tied-embedding setup runs with ``Tensor.cuda`` returning the tensor itself.
 
 Everything is applied by :func:`apply_megatron_cpu_compat`, once, only when CUDA is absent.
 Delete this module when megatron-core allocates on the input's device.
@@ -181,10 +191,68 @@ def _set_all_rng_states(cpu_rng_state, cuda_rng_state, cuda_rng_state_tracker):
     get_cuda_rng_tracker().set_states(cuda_rng_state_tracker)
 
 
+# ----------------------------------------------------------------------------- pipeline
+def _cpu_device(device):
+    """``device``, with CUDA (``"cuda"``, ``"cuda:0"``, an index) read as the CPU."""
+    if device is None or isinstance(device, int) or str(device).startswith("cuda"):
+        return torch.device("cpu")
+    return device
+
+
+class _CPUCuda:
+    """``torch.cuda`` as megatron's pipeline modules see it: the current device is the CPU and
+    ``synchronize`` (after gloo's completed requests) has nothing to wait for."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device=None):
+        return None
+
+
+class _CPUTorch:
+    """The module global ``torch`` of megatron's ``p2p_communication`` and ``schedules``."""
+
+    cuda = _CPUCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*size, device=None, **kwargs):
+        return torch.zeros(*size, device=_cpu_device(device), **kwargs)
+
+
+class _TensorCudaIsIdentity(torch.overrides.TorchFunctionMode):
+    """``tensor.cuda()`` returns the tensor (it stays on the CPU)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _wrap_setup_embeddings(original):
+    """``setup_embeddings_and_output_layer`` without moving the tied copy to CUDA."""
+
+    @functools.wraps(original)
+    def setup(self):
+        with _TensorCudaIsIdentity():
+            return original(self)
+
+    setup.fope_cpu_compat = True
+    return setup
+
+
 # ----------------------------------------------------------------------------- entry point
 def apply_megatron_cpu_compat() -> bool:
-    """Patch megatron-core's sequence-parallel and recompute-RNG helpers for CPU; returns True
-    when applied.
+    """Patch megatron-core's sequence-parallel, recompute-RNG and pipeline helpers for CPU;
+    returns True when applied.
 
     Idempotent; does nothing (returns False) when CUDA is available.
     """
@@ -193,6 +261,8 @@ def apply_megatron_cpu_compat() -> bool:
         return False
     if _APPLIED:
         return True
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import layers, mappings, random
 
     mappings._gather_along_first_dim = _gather_along_first_dim
@@ -204,5 +274,9 @@ def apply_megatron_cpu_compat() -> bool:
     # CheckpointFunction, _fork_rng and CheckpointWithoutOutput look these up as module globals
     random._get_all_rng_states = _get_all_rng_states
     random._set_all_rng_states = _set_all_rng_states
+    p2p_communication.torch = schedules.torch = _CPUTorch()
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    if not getattr(setup, "fope_cpu_compat", False):
+        LanguageModule.setup_embeddings_and_output_layer = _wrap_setup_embeddings(setup)
     _APPLIED = True
     return True

@@ -232,7 +232,9 @@ class ParallelConfig:
     ulysses: int = 1
     """DeepSpeed-Ulysses sequence-parallel degree"""
     pp: int = 1
-    """pipeline-parallel degree (only 1 is supported)"""
+    """pipeline-parallel degree (fope-train: only 1; the model level builds stages)"""
+    vpp: int = 1
+    """virtual pipeline stages per rank (interleaved 1F1B; fope-train: only 1)"""
 
 
 @dataclass

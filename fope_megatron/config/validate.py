@@ -220,8 +220,10 @@ def _check_layout(c: Config, dims: ParallelDims) -> None:
     """Head, group, batch and sequence divisibility for the parallel layout."""
     m, t, p = c.model, c.train, c.parallel
     heads, groups = m.num_attention_heads, m.kv_groups
-    if p.pp != 1:
-        _fail("parallel.pp", p.pp, "only 1 is supported (pipeline parallelism is not built)")
+    for key, value in (("pp", p.pp), ("vpp", p.vpp)):
+        if value != 1:
+            # build_gpt_chunks builds a stage's chunks; the trainer does not run them yet
+            _fail(f"parallel.{key}", value, "only 1 is supported (the trainer has no pipeline)")
     if m.make_vocab_size_divisible_by % p.tp:
         _fail(
             "model.make_vocab_size_divisible_by",

@@ -1,7 +1,9 @@
 """build_gpt: a megatron-core GPTModel with FoPE / RoPE / no position encoding from our Config.
 
 Expects megatron-core's parallel_state (and, for ``parallel.ulysses > 1``, the Ulysses group) to be
-initialised: ``parallel.setup.init_model_parallel(tp, cp, pp, ulysses)``.
+initialised: ``parallel.setup.init_model_parallel(tp, cp, pp, ulysses, vpp=vpp)``. Under pipeline
+parallelism (``parallel.pp`` / ``parallel.vpp``) :func:`build_gpt_chunks` builds this rank's
+stage: its model chunks, each with only its layers (global layer numbers: megatron's offset).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def transformer_config(cfg) -> TransformerConfig:
         hidden_dropout=m.hidden_dropout,
         tensor_model_parallel_size=p.tp,
         context_parallel_size=p.cp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
         sequence_parallel=bool(p.sp),
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
@@ -133,22 +137,43 @@ def softmax_scale(cfg) -> float | None:
     return m * m / cfg.model.head_dim**0.5
 
 
+def pipeline_ends(cfg, vp_stage: int | None = None) -> tuple[bool, bool]:
+    """``(pre_process, post_process)`` of this rank's chunk ``vp_stage``: whether it holds the
+    embedding (first stage, first chunk) and the output layer and loss (last stage, last chunk).
+    Both True without pipeline parallelism (``parallel.pp = 1``)."""
+    if cfg.parallel.pp == 1:
+        return True, True
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+    )
+
+
 def build_gpt(
     cfg,
-    pre_process: bool = True,
-    post_process: bool = True,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
     parallel_output: bool = True,
     frequencies: tuple[float, ...] | None = None,
     use_transformer_engine: bool | None = None,
+    vp_stage: int | None = None,
 ) -> GPTModel:
     """Build the GPT of ``cfg`` (model / fope / parallel / train sections).
 
     ``use_transformer_engine``: None picks transformer-engine's spec when usable (CUDA + TE);
-    False forces the local spec (SDPA attention, torch norms).
+    False forces the local spec (SDPA attention, torch norms). ``pre_process`` /
+    ``post_process``: None takes them from the pipeline stage (:func:`pipeline_ends`);
+    ``vp_stage``: the model chunk under ``parallel.vpp > 1`` (:func:`build_gpt_chunks`).
 
-    Weights are drawn on the CPU from ``run.seed`` (full tensors, then TP slices), so every
-    layout starts from the same numbers.
+    Weights are drawn on the CPU (full tensors, then TP slices): the embedding from
+    ``run.seed``, each layer from ``(run.seed, global layer)`` (``model/layer.py``), so every
+    layout, pipeline stages included, starts from the same numbers.
     """
+    ends = pipeline_ends(cfg, vp_stage)
+    pre_process = ends[0] if pre_process is None else pre_process
+    post_process = ends[1] if post_process is None else post_process
     tconf = transformer_config(cfg)
     if not torch.cuda.is_available():
         from ..compat.megatron_cpu import apply_megatron_cpu_compat
@@ -160,8 +185,10 @@ def build_gpt(
         position_settings(cfg, position_frequencies(cfg) if frequencies is None else frequencies),
         normalization=cfg.model.normalization,
         use_transformer_engine=use_transformer_engine,
+        vp_stage=vp_stage,
         cp=cfg.parallel.cp,
         ulysses=cfg.parallel.ulysses,
+        init_seed=cfg.run.seed,
     )
     torch.manual_seed(cfg.run.seed)
     model = GPTModel(
@@ -174,6 +201,7 @@ def build_gpt(
         parallel_output=parallel_output,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
         position_embedding_type="none",
+        vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -184,8 +212,19 @@ def build_gpt(
     return model
 
 
+def build_gpt_chunks(cfg, **options) -> list[GPTModel]:
+    """This pipeline rank's model chunks: one per virtual stage (``parallel.vpp``), each with
+    its layers only, as megatron's schedules (``get_forward_backward_func``) take them; one model
+    without virtual stages. ``options``: :func:`build_gpt`'s keywords."""
+    if cfg.parallel.vpp == 1:
+        return [build_gpt(cfg, **options)]
+    return [build_gpt(cfg, vp_stage=v, **options) for v in range(cfg.parallel.vpp)]
+
+
 __all__ = [
     "build_gpt",
+    "build_gpt_chunks",
+    "pipeline_ends",
     "compute_dtype",
     "megatron_fusions",
     "position_settings",

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_block import (
 from .attention import PositionalSelfAttention, PositionSettings
 from .core_attention import SDPACoreAttention
 from .cp_attention import ContextParallelCoreAttention
+from .layer import SeededTransformerLayer
 from .norms import SequenceParallelNorm
 
 
@@ -50,6 +51,7 @@ def get_fope_layer_spec(
     qk_layernorm: bool = False,
     cp: int = 1,
     ulysses: int = 1,
+    init_seed: int | None = None,
 ) -> ModuleSpec:
     """A GPT transformer-layer spec whose self-attention applies ``position`` to q and k.
 
@@ -59,6 +61,8 @@ def get_fope_layer_spec(
         use_transformer_engine: None picks transformer-engine when usable (CUDA + importable).
         cp: context-parallel degree (without TE, > 1 selects the all-gather CP attention).
         ulysses: DeepSpeed-Ulysses degree (> 1 wraps the core attention).
+        init_seed: draw each layer's weights from ``(init_seed, global layer)``
+            (:class:`SeededTransformerLayer`: the same numbers under any pipeline layout).
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -70,6 +74,9 @@ def get_fope_layer_spec(
             normalization=normalization, qk_layernorm=qk_layernorm
         )
     spec = copy.deepcopy(spec)
+    if init_seed is not None:
+        spec.module = SeededTransformerLayer
+        spec.params = {**spec.params, "init_seed": init_seed}
     attn = spec.submodules.self_attention
     attn.module = PositionalSelfAttention
     attn.params = {**attn.params, "position": position}
@@ -101,10 +108,11 @@ def _use_transformer_engine(use_transformer_engine: bool | None) -> bool:
 
 
 def get_fope_block_spec(
-    config, position: PositionSettings, **layer_options
+    config, position: PositionSettings, vp_stage: int | None = None, **layer_options
 ) -> TransformerBlockSubmodules | ModuleSpec:
     """Decoder-block spec: :func:`get_fope_layer_spec` for this stage's layers plus the final norm.
 
+    ``vp_stage``: the virtual stage (model chunk) of this pipeline rank whose layers to build.
     ``layer_options``: :func:`get_fope_layer_spec`'s keywords after ``position``. Without
     transformer-engine the final norm is :class:`SequenceParallelNorm`; with it, the layer spec
     is returned and megatron picks TE's norm.
@@ -112,5 +120,5 @@ def get_fope_block_spec(
     layer = get_fope_layer_spec(position, **layer_options)
     if _use_transformer_engine(layer_options.get("use_transformer_engine")):
         return layer
-    n = get_num_layers_to_build(config)
+    n = get_num_layers_to_build(config, vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelNorm)

@@ -3,7 +3,7 @@
 ``world = dp * tp * cp * ulysses * pp``:
 
 - ``tp``: tensor parallel (heads and KV groups split; with ``sp`` the sequence too, between
-  attention blocks). ``pp``: pipeline stages (only 1 is supported for now).
+  attention blocks). ``pp``: pipeline stages (fope-train: only 1; the model level builds them).
 - ``cp``: megatron-style context parallel; every rank holds two of ``2*cp`` sequence chunks.
 - ``ulysses``: DeepSpeed-Ulysses sequence parallel; sequence shards outside attention, head
   shards inside it (all-to-all).

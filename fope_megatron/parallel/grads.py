@@ -88,3 +88,27 @@ def all_reduce_grads(model: torch.nn.Module, group, op=dist.ReduceOp.SUM) -> Non
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, op=op, group=group)
+
+
+def all_reduce_embedding_grads(chunks: list[torch.nn.Module]) -> bool:
+    """Sum the gradient of tied embeddings over megatron's embedding group (first and last
+    pipeline stage), in place; returns True when reduced.
+
+    With ``share_embeddings_and_output_weights`` and ``pp > 1`` the first stage's word
+    embedding and the last stage's output layer are two copies of one weight (megatron starts
+    them equal); each copy's gradient holds only its own use, so both must get the sum, as
+    megatron's ``finalize_model_grads`` does for its own DDP buffers (``main_grad``).
+    ``chunks``: this rank's model chunks (the first holds the embedding, the last the output).
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
+        return False
+    model = chunks[0] if ps.is_pipeline_first_stage(ignore_virtual=True) else chunks[-1]
+    if not model.share_embeddings_and_output_weights:
+        return False
+    weight = model.shared_embedding_or_output_weight()
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+    return True

@@ -88,9 +88,12 @@ _ULYSSES_RANKS: list[int] | None = None
 
 
 def init_model_parallel(
-    tp: int = 1, cp: int = 1, pp: int = 1, ulysses: int = 1, seed: int = 1234
+    tp: int = 1, cp: int = 1, pp: int = 1, ulysses: int = 1, seed: int = 1234, vpp: int = 1
 ) -> None:
     """megatron-core's parallel_state groups plus the Ulysses group (idempotent per layout).
+
+    ``pp`` pipeline stages, each holding ``vpp`` virtual stages (model chunks, interleaved 1F1B);
+    megatron's order ``tp-cp-ep-dp-pp`` puts the stages of one pipeline ``world / pp`` ranks apart.
 
     Ulysses ranks are megatron *data-parallel* ranks that share one sample: megatron's own
     context parallelism must then be 1, megatron's data-parallel group (``dp * ulysses`` ranks
@@ -115,6 +118,7 @@ def init_model_parallel(
             ps.get_tensor_model_parallel_world_size() == tp
             and ps.get_context_parallel_world_size() == cp
             and ps.get_pipeline_model_parallel_world_size() == pp
+            and (ps.get_virtual_pipeline_model_parallel_world_size() or 1) == vpp
             and get_ulysses_world_size() == ulysses
         ):
             return
@@ -122,6 +126,7 @@ def init_model_parallel(
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         context_parallel_size=cp,
         create_gloo_process_groups=not torch.cuda.is_available(),
     )
