@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,11 +14,11 @@ import torch.distributed as dist
 from ..checkpoint import store as checkpoint
 from ..config import Config
 from ..parallel.setup import comm_device
-from . import resume
-from .data import data_prefixes
+from .data import build_data
 from .engine import grad_norm
 from .guard import NONFINITE_EXIT_CODE, Guard
 from .metrics import MetricsLogger, Timer, flops_per_token, setup_logging
+from .saving import CheckpointSteps
 from .signals import REQUEUE_EXIT_CODE, StopSignal
 
 log = logging.getLogger("fope")
@@ -34,7 +33,7 @@ class StepRead(NamedTuple):
     writing: bool  # some rank's asynchronous save is still being written
 
 
-class Trainer:
+class Trainer(CheckpointSteps):
     """Owns the engine, the data iterators, metrics and checkpoints of one run."""
 
     def __init__(self, cfg: Config) -> None:
@@ -122,37 +121,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
-        from ..data.datasets import build_datasets
-
-        cfg, t = self.cfg, self.cfg.train
-        prefixes = data_prefixes(cfg, self.run_dir, self.rank)
-        n_valid = max(1, t.eval_iters) * t.micro_batch_size * self.dp
-        cache = self.run_dir / "data_cache"
-        self.train_ds, self.valid_ds = build_datasets(
-            prefixes,
-            cfg.data.split,
-            t.seq_length,
-            cfg.run.seed,
-            t.steps * t.global_batch_size,
-            n_valid,
-            None,
-            cache,
+        self.train_ds, self.valid_ds, self.valid_long = build_data(
+            self.cfg, self.run_dir, self.rank, self.dp
         )
-        if cfg.data.passkey_fraction > 0:  # validation stays the plain corpus
-            from ..data.passkey import PasskeyMixture
-            from ..data.tokenizer import get_tokenizer
-
-            self.train_ds = PasskeyMixture(
-                self.train_ds, cfg.data.passkey_fraction, get_tokenizer(cfg.data.tokenizer),
-                t.seq_length, cfg.run.seed,
-            )  # fmt: skip
-        self.valid_long = {}
-        for length in t.eval_lengths:
-            if length != t.seq_length:
-                _, ds = build_datasets(
-                    prefixes, cfg.data.split, length, cfg.run.seed, 1, n_valid, None, cache
-                )
-                self.valid_long[length] = ds
 
     def _batches(self, dataset, consumed: int, limit: int | None = None):
         """This rank's micro-batches from ``consumed`` on, read ahead by ``data.num_workers``
@@ -163,91 +134,6 @@ class Trainer:
             dataset, consumed, self.cfg.train.micro_batch_size, self.dp_rank, self.dp,
             num_workers=self.cfg.data.num_workers, limit=limit,
         )  # fmt: skip
-
-    # ------------------------------------------------------------------ checkpoints
-    def _resume_layout(self) -> str | None:
-        """The tag the engine loads: the checkpoint's, or (a resume on another layout under
-        ZeRO 1-3) its universal checkpoint, made by all ranks if it is not there yet; the engine's
-        config then says ``checkpoint.load_universal``."""
-        if self.resume_from is None:
-            return None
-        from ..checkpoint import layout, universal
-
-        root, tag = self.resume_from
-        reshard = layout.check(self.cfg, self.world, root / tag)
-        if not layout.needs_universal(reshard, self.cfg.deepspeed.zero_stage):
-            return tag
-        universal.convert(root / tag)  # collective: each rank its share
-        self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        return universal.folder_for(root / tag).name
-
-    def _restore(self) -> None:
-        if self.resume_from is not None:
-            root, tag = self.resume_from
-            client = checkpoint.load(self.engine, root, self.load_tag)
-            self.step = int(client["step"])
-            self.consumed_samples = int(client["consumed_samples"])
-            self.guard.load_state(client.get("guard"))
-            log.info("resumed from %s at step %d", root / tag, self.step)
-            changed = resume.check(self.cfg, root / tag)
-            if changed:
-                resume.apply(self.cfg, self.scheduler, changed)
-
-    def save(self, asynchronous: bool = False) -> Path:
-        """Save a checkpoint at this step; ``asynchronous``: completed later (``finish_save``).
-        Each save adds ``save_blocked_s`` (the loop waited) and ``save_total_s`` (until it was
-        complete) to ``metrics.jsonl``; the records kept so far are written first."""
-        self.finish_save()  # at most one save in flight
-        if self.metrics is not None:
-            self.metrics.flush(wait=True)
-        start = time.perf_counter()
-        client = {
-            "step": self.step,
-            "consumed_samples": self.consumed_samples,
-            "guard": self.guard.state(),
-        }
-        if self.universal_info is not None:  # how a resume on another layout merges over TP
-            client["universal_checkpoint_info"] = self.universal_info
-        pending = checkpoint.save(
-            self.engine, self.run_dir, self.step, client, self.cfg.train.keep_last,
-            extra=self._save_extras, asynchronous=asynchronous,
-        )  # fmt: skip
-        self.pending = pending
-        self.save_clock = (start, time.perf_counter() - start)
-        if asynchronous:
-            log.info("saving checkpoint %s (asynchronous)", pending.path)
-        else:
-            self.finish_save()
-        return pending.path
-
-    def finish_save(self) -> None:
-        """Complete the save in flight (the loop calls it once every rank's writer is done, as
-        the step's read says, so all of them complete it at the same step)."""
-        if self.pending is None:
-            return
-        start, blocked = self.save_clock
-        now = time.perf_counter()
-        path = self.pending.finish(self.engine)
-        self.pending = None
-        blocked += time.perf_counter() - now
-        total = time.perf_counter() - start
-        self.last_save_s = total
-        log.info("saved checkpoint %s (%.2f s, the loop waited %.2f s)", path, total, blocked)
-        if self.metrics is not None:
-            self.metrics.write({"step": self.step, "save": path.name, "save_blocked_s": blocked,
-                                "save_total_s": total})  # fmt: skip
-            self.metrics.flush()
-
-    def _save_extras(self, folder: Path) -> None:
-        """Beside DeepSpeed's files, from rank 0 (nothing gathered): the schedule and optimizer
-        settings (``train_settings.json``) and the layout (``layout.json``, with the model's TP
-        split dims that evaluation and export join the TP ranks' model files by) a resume
-        compares its config with."""
-        if self.rank == 0:
-            from ..checkpoint import layout
-
-            resume.write_settings(self.cfg, folder)
-            layout.write(self.cfg, self.world, folder, self.split_dims)
 
     # ------------------------------------------------------------------ steps
     def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
