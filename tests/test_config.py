@@ -421,6 +421,10 @@ def test_derived_values_are_properties_of_the_sections() -> None:
     assert cfg.model.kv_groups == 4  # MHA when num_query_groups is unset
     cfg.model.num_query_groups = 2
     assert cfg.model.kv_groups == 2
+    cfg.model.ffn_hidden_size = None
+    assert cfg.model.ffn_size == 4 * 96  # megatron's default when unset
+    cfg.model.ffn_hidden_size = 200
+    assert cfg.model.ffn_size == 200
     assert cfg.fope_train_seq_len == cfg.train.seq_length == 512  # resolved from train
     raw = Config()  # unresolved: the None fields fall back as the properties say
     raw.train.seq_length = 300

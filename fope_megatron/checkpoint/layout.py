@@ -58,7 +58,7 @@ def layout_of(cfg, world_size: int) -> dict:
         "model": {
             **{k: getattr(cfg.model, k) for k in MODEL_KEYS},
             "num_query_groups": cfg.model.kv_groups,
-            "ffn_hidden_size": cfg.model.ffn_hidden_size or 4 * cfg.model.hidden_size,
+            "ffn_hidden_size": cfg.model.ffn_size,
         },
         "fope": _fope_shapes(cfg) if cfg.model.position_embedding == "fope" else {},
     }

@@ -165,6 +165,11 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
     @property
+    def ffn_size(self) -> int:
+        """MLP hidden size (``ffn_hidden_size``; ``4 * hidden_size`` when unset)."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
     def rotary_dim(self) -> int:
         """Rotated dims ``d_r = int(head_dim * rotary_percent)`` (megatron-core's rule)."""
         return int(self.head_dim * self.rotary_percent)

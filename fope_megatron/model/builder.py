@@ -62,7 +62,7 @@ def transformer_config(cfg) -> TransformerConfig:
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.kv_groups,
-        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        ffn_hidden_size=m.ffn_size,
         kv_channels=m.head_dim,
         normalization=m.normalization,
         gated_linear_unit=m.swiglu,

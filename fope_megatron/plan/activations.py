@@ -54,7 +54,7 @@ def layer_bytes(cfg, dims, count, flash: bool = True, selective: bool = False) -
     m, t = cfg.model, dims.tp
     h, a = m.hidden_size, m.num_attention_heads
     kv = m.kv_groups * m.head_dim
-    f = m.ffn_hidden_size or 4 * h
+    f = m.ffn_size
     b = cfg.train.micro_batch_size
     s = cfg.train.seq_length // (dims.cp * dims.ulysses)
     sp = cfg.parallel.sp and t > 1

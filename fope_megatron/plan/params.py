@@ -101,7 +101,7 @@ def count_parameters(cfg: Config, tp: int = 1) -> ParamCount:
     """
     m = cfg.model
     h, heads, d, groups = m.hidden_size, m.num_attention_heads, m.head_dim, m.kv_groups
-    f = m.ffn_hidden_size or 4 * h
+    f = m.ffn_size
     vocab = padded_vocab_size(cfg) // tp
     bias = m.add_bias_linear
     qkv_rows = (heads // tp + 2 * local_groups(groups, tp)) * d

@@ -67,7 +67,7 @@ def flops_per_token(cfg) -> float:
     h, seq = m.hidden_size, cfg.train.seq_length
     q_width = m.num_attention_heads * m.head_dim
     kv_width = m.kv_groups * m.head_dim
-    ffn = m.ffn_hidden_size or 4 * h
+    ffn = m.ffn_size
     projections = h * (q_width + 2 * kv_width) + q_width * h
     mlp = (3 if m.swiglu else 2) * h * ffn
     attention = 2 * q_width * seq / 2  # QK^T and AV, each over s/2 keys (causal)
